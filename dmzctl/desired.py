@@ -1,0 +1,35 @@
+"""Desired state: everything `up` would make exist for one DMZ, built purely from its config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lxml import etree
+
+from .config import DMZ
+from .render.base import load_base, xml_dir
+from .render.domain import HostFacts, render_domain
+from .render.network import render_network
+from .render.nft import Command, render_table, table_name
+from .render.nwfilter import CLEAN_TRAFFIC, clean_traffic_filter, render_nwfilters
+
+
+@dataclass
+class DesiredDMZ:
+    dmz: DMZ
+    network: etree._Element
+    nwfilters: dict[str, etree._Element]  # in definition order: referenced before referencing
+    table: str
+    nft: list[Command]
+    domains: dict[str, etree._Element]
+
+
+def build(dmz: DMZ, facts: HostFacts = HostFacts()) -> DesiredDMZ:
+    nwfilters: dict[str, etree._Element] = {CLEAN_TRAFFIC: clean_traffic_filter()}
+    domains: dict[str, etree._Element] = {}
+    for vm in dmz.vms:
+        nwfilters.update(render_nwfilters(dmz, vm))
+        base = load_base(vm.domain_xml) if vm.domain_xml else load_base(xml_dir() / "domain.xml")
+        domains[vm.name] = render_domain(dmz, vm, facts, base=base)
+    return DesiredDMZ(dmz=dmz, network=render_network(dmz), nwfilters=nwfilters,
+                      table=table_name(dmz), nft=render_table(dmz), domains=domains)

@@ -1,0 +1,150 @@
+"""A DMZ VM's libvirt domain: resources, boot, disks, the filtered DMZ NIC, consoles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from lxml import etree
+
+from ..config import DMZ, VM
+from .base import load_base, metadata_element, replace_child, stable_uuid, sub, xml_dir
+from .nwfilter import vm_filter_name, vm_filter_parameters
+
+EXTENSION_FORMATS = {".qcow2": "qcow2", ".qcow": "qcow2", ".img": "raw", ".raw": "raw", ".iso": "raw",
+                     ".vmdk": "vmdk", ".vdi": "vdi", ".vhdx": "vhdx"}
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What rendering needs to know about the host, gathered by the host layer.
+
+    kvm_usable: libvirt offers kvm AND the CPU has vmx/svm (libvirt lists kvm on
+    hosts where guests then die with "KVM internal error").
+    virt_type_override: "kvm" or "qemu" for the whole host ($DMZCTL_VIRT_TYPE).
+    disk_formats: formats read from the images by qemu-img; the extension decides otherwise.
+    """
+
+    kvm_usable: bool = False
+    virt_type_override: Optional[str] = None
+    disk_formats: dict = field(default_factory=dict)
+
+
+def disk_format(path: Path, facts: HostFacts) -> str:
+    return facts.disk_formats.get(path) or EXTENSION_FORMATS.get(path.suffix.lower(), "raw")
+
+
+def virt_type(vm: VM, facts: HostFacts) -> str:
+    if vm.virt_type != "auto":
+        return vm.virt_type
+    if facts.virt_type_override:
+        return facts.virt_type_override
+    return "kvm" if facts.kvm_usable else "qemu"
+
+
+def render_domain(dmz: DMZ, vm: VM, facts: HostFacts = HostFacts(),
+                  base: Optional[etree._Element] = None) -> etree._Element:
+    dom = base if base is not None else load_base(xml_dir() / "domain.xml")
+    kind = virt_type(vm, facts)
+    dom.set("type", kind)
+    head = ("metadata", "memory", "currentMemory", "vcpu", "os", "features", "cpu", "clock", "devices")
+    for tag in ("name", "uuid"):
+        replace_child(dom, tag, before=head)
+    dom.find("name").text = vm.name
+    dom.find("uuid").text = stable_uuid("domain", dmz.name, vm.name)
+    metadata_element(dom, "vm", dmz=dmz.name, config=str(dmz.source), hash=dmz.config_hash)
+    dom.find("uuid").addnext(dom.find("metadata"))
+
+    memory_kib = str(vm.memory_mib * 1024)
+    for tag in ("memory", "currentMemory", "vcpu"):
+        replace_child(dom, tag, before=("os", "features", "cpu", "clock", "devices"))
+    dom.find("memory").set("unit", "KiB")
+    dom.find("memory").text = memory_kib
+    dom.find("currentMemory").set("unit", "KiB")
+    dom.find("currentMemory").text = memory_kib
+    dom.find("vcpu").set("placement", "static")
+    dom.find("vcpu").text = str(vm.vcpus)
+
+    _render_os(dom, vm)
+    for old in dom.findall("cpu"):
+        dom.remove(old)
+    if kind == "kvm":
+        replace_child(dom, "cpu", before=("clock", "devices")).set("mode", "host-passthrough")
+
+    devices = dom.find("devices")
+    if devices is None:
+        devices = sub(dom, "devices")
+    for tag in ("disk", "interface", "graphics", "video"):
+        for old in devices.findall(tag):
+            devices.remove(old)
+    # libvirt keeps devices grouped by kind; insert ours ahead of the base's own.
+    ours = _disks(vm, facts) + [_interface(dmz, vm)] + _graphics(vm)
+    for element in reversed(ours):
+        devices.insert(0, element)
+    return dom
+
+
+def _render_os(dom: etree._Element, vm: VM) -> None:
+    os_el = dom.find("os")
+    if os_el is None:
+        os_el = replace_child(dom, "os", before=("features", "cpu", "clock", "devices"))
+    if os_el.find("type") is None:
+        sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
+    for tag in ("boot", "kernel", "initrd", "cmdline"):
+        for old in os_el.findall(tag):
+            os_el.remove(old)
+    if vm.kernel is not None:
+        sub(os_el, "kernel", str(vm.kernel))
+        if vm.initrd is not None:
+            sub(os_el, "initrd", str(vm.initrd))
+        if vm.cmdline is not None:
+            sub(os_el, "cmdline", vm.cmdline)
+    if vm.boot == "cdrom":
+        sub(os_el, "boot", dev="cdrom")
+        sub(os_el, "boot", dev="hd")
+    elif vm.boot == "hd" or vm.disks:
+        sub(os_el, "boot", dev="hd")
+
+
+def _disks(vm: VM, facts: HostFacts) -> list[etree._Element]:
+    disks = []
+    for index, path in enumerate(vm.disks):
+        disk = etree.Element("disk", type="file", device="disk")
+        sub(disk, "driver", name="qemu", type=disk_format(path, facts))
+        sub(disk, "source", file=str(path))
+        sub(disk, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
+        disks.append(disk)
+    if vm.cdrom is not None:
+        cdrom = etree.Element("disk", type="file", device="cdrom")
+        sub(cdrom, "driver", name="qemu", type="raw")
+        sub(cdrom, "source", file=str(vm.cdrom))
+        sub(cdrom, "target", dev="hdc", bus="ide")
+        sub(cdrom, "readonly")
+        disks.append(cdrom)
+    return disks
+
+
+def _interface(dmz: DMZ, vm: VM) -> etree._Element:
+    nic = etree.Element("interface", type="network")
+    sub(nic, "mac", address=vm.mac)
+    sub(nic, "source", network=dmz.name)
+    sub(nic, "model", type="virtio")
+    filterref = sub(nic, "filterref", filter=vm_filter_name(dmz, vm))
+    for name, value in vm_filter_parameters(dmz, vm):
+        sub(filterref, "parameter", name=name, value=value)
+    if dmz.isolate_vms:
+        # The bridge forwards nothing between isolated ports: VM to VM is cut at layer 2.
+        sub(nic, "port", isolated="yes")
+    return nic
+
+
+def _graphics(vm: VM) -> list[etree._Element]:
+    if vm.graphics == "none":
+        return []
+    graphics = etree.Element("graphics", type=vm.graphics, autoport="yes", listen="127.0.0.1")
+    # Only ever on loopback: the original's VNC listened on every interface.
+    sub(graphics, "listen", type="address", address="127.0.0.1")
+    video = etree.Element("video")
+    sub(video, "model", type="virtio" if vm.graphics == "spice" else "vga")
+    return [graphics, video]

@@ -1,0 +1,62 @@
+"""The DMZ's libvirt network: bridge, subnet(s), the host as gateway, DHCP."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Optional
+
+from lxml import etree
+
+from ..config import DMZ
+from .base import load_base, metadata_element, replace_child, stable_uuid, sub, xml_dir
+
+
+def dhcp_range(gateway: ipaddress.IPv4Interface) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """The half of the subnet the gateway is not in, so dynamic leases never hit the host.
+
+    Static leases may fall in the range: dnsmasq reserves them.
+    """
+    net = gateway.network
+    first, last = net.network_address + 1, net.broadcast_address - 1
+    middle = net.network_address + net.num_addresses // 2
+    if gateway.ip < middle:
+        return (max(middle, first), last)
+    return (first, middle - 1)
+
+
+def render_network(dmz: DMZ, base: Optional[etree._Element] = None) -> etree._Element:
+    net = base if base is not None else load_base(xml_dir() / "network.xml")
+    for tag in ("name", "uuid"):
+        replace_child(net, tag, before=("metadata", "forward", "bridge", "ip"))
+    net.find("name").text = dmz.name
+    net.find("uuid").text = stable_uuid("network", dmz.name)
+    metadata_element(net, "network", dmz=dmz.name, config=str(dmz.source), hash=dmz.config_hash)
+    # libvirt orders <metadata> right after <uuid>; keep documents in its order.
+    net.find("uuid").addnext(net.find("metadata"))
+
+    for old in net.findall("forward"):
+        net.remove(old)
+    if dmz.mode != "isolated":
+        forward = etree.Element("forward", mode=dmz.mode)
+        net.find("metadata").addnext(forward)
+
+    bridge = net.find("bridge")
+    if bridge is None:
+        bridge = sub(net, "bridge", stp="on", delay="0")
+    bridge.set("name", dmz.bridge)
+
+    for old in net.findall("ip"):
+        net.remove(old)
+    ip4 = sub(net, "ip", address=str(dmz.gateway.ip), netmask=str(dmz.subnet.netmask))
+    if dmz.dhcp:
+        dhcp = sub(ip4, "dhcp")
+        start, end = dhcp_range(dmz.gateway)
+        sub(dhcp, "range", start=str(start), end=str(end))
+        for vm in dmz.vms:
+            if vm.ip is not None:
+                sub(dhcp, "host", mac=vm.mac, name=vm.name, ip=str(vm.ip))
+    if dmz.gateway6 is not None:
+        # Router advertisements from libvirt's dnsmasq give VMs SLAAC addresses
+        # and the default route; static ip6 VMs configure themselves.
+        sub(net, "ip", family="ipv6", address=str(dmz.gateway6.ip), prefix=str(dmz.gateway6.network.prefixlen))
+    return net

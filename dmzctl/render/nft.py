@@ -1,0 +1,231 @@
+"""The DMZ's nftables table as libnftables JSON: rules as data, applied in one batch.
+
+One `inet` table per DMZ named dmzctl-<dmz>, so IPv4 and IPv6 share one policy.
+Chain order is the contract (tests check it):
+
+  forward (hook)  1 established/related accepted
+                  2 from the DMZ bridge -> from_dmz
+  from_dmz        3 source outside the DMZ subnet -> spoofed (log, drop)
+                  4 holes accepted
+                  5 VM to VM through the host dropped (isolate_vms)
+                  6 to protected -> protected (rate limit, log, drop), every protocol
+                  7 anything else dropped when egress = "none"
+  input (hook)    1 established/related accepted
+                  2 from the DMZ bridge -> to_host
+  to_host         3 source outside the DMZ subnet -> spoofed
+                  4 holes accepted (a protected address may be the host's own)
+                  5 DHCP/DNS to the gateway (dhcp on), neighbour discovery (IPv6 on)
+                  6 everything else -> host (rate limit, log, drop)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Optional
+
+from ..config import DMZ, Hole
+
+FAMILY = "inet"
+HOOK_PRIORITY = -10  # before the iptables-nft tables libvirt fills (priority 0): we log first
+
+Expr = dict[str, Any]
+Command = dict[str, Any]
+
+
+def table_name(dmz: DMZ) -> str:
+    return f"dmzctl-{dmz.name}"
+
+
+def log_prefix(dmz: DMZ, reason: str) -> str:
+    return f"dmzctl {dmz.name} {reason}: "
+
+
+# --- expression fragments (firewalld's _fragment style) ---------------------
+
+def _match(left: Expr, right: Any, op: str = "==") -> Expr:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> Expr:
+    return {"meta": {"key": key}}
+
+
+def _payload(protocol: str, field: str) -> Expr:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _addr(net) -> Any:
+    """A host address as a plain string, a prefix as a prefix expression."""
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _anon_set(nets) -> Any:
+    items = [_addr(n) for n in nets]
+    return items[0] if len(items) == 1 else {"set": items}
+
+
+def _ports(ports: tuple[int, int]) -> Any:
+    return ports[0] if ports[0] == ports[1] else {"range": [ports[0], ports[1]]}
+
+
+def _ipfamily(version: int) -> str:
+    return "ip" if version == 4 else "ip6"
+
+
+def _verdict(name: str, target: Optional[str] = None) -> Expr:
+    if target is not None:
+        return {name: {"target": target}}
+    return {name: None}
+
+
+def _counter() -> Expr:
+    return {"counter": None}
+
+
+def _rule(dmz: DMZ, chain: str, exprs: list[Expr], comment: str) -> Command:
+    return {"add": {"rule": {"family": FAMILY, "table": table_name(dmz), "chain": chain,
+                             "expr": exprs, "comment": comment}}}
+
+
+def _hole_exprs(dmz: DMZ, hole: Hole) -> list[Expr]:
+    ipf = _ipfamily(hole.family)
+    exprs: list[Expr] = []
+    if hole.source_vm is not None:
+        vm = dmz.vm(hole.source_vm)
+        exprs.append(_match(_payload(ipf, "saddr"), str(vm.ip if hole.family == 4 else vm.ip6)))
+    elif hole.source_net is not None:
+        exprs.append(_match(_payload(ipf, "saddr"), _addr(hole.source_net)))
+    exprs.append(_match(_payload(ipf, "daddr"), _addr(hole.to)))
+    exprs.append(_match(_meta("l4proto"), hole.proto))
+    if hole.ports is not None:
+        exprs.append(_match(_payload("th", "dport"), _ports(hole.ports)))
+    return exprs
+
+
+def _rate(dmz: DMZ) -> Expr:
+    number, per = dmz.log_rate.split("/")
+    return {"limit": {"rate": int(number), "per": per, "burst": dmz.log_burst, "burst_unit": "packets"}}
+
+
+def _log_drop_chain(dmz: DMZ, chain: str, reason: str) -> list[Command]:
+    # The limit comes before the log: a limit after it limits nothing (openwrt packages#29255).
+    return [
+        _chain(dmz, chain),
+        _rule(dmz, chain, [_rate(dmz), {"log": {"prefix": log_prefix(dmz, reason), "level": "warn"}}],
+              f"log {reason}, rate-limited"),
+        _rule(dmz, chain, [_counter(), _verdict("drop")], f"drop {reason}"),
+    ]
+
+
+def _chain(dmz: DMZ, name: str, hook: Optional[str] = None) -> Command:
+    chain: dict[str, Any] = {"family": FAMILY, "table": table_name(dmz), "name": name}
+    if hook is not None:
+        chain.update({"type": "filter", "hook": hook, "prio": HOOK_PRIORITY, "policy": "accept"})
+    return {"add": {"chain": chain}}
+
+
+def _set(dmz: DMZ, name: str, nets, version: int) -> list[Command]:
+    spec = {"family": FAMILY, "table": table_name(dmz), "name": name,
+            "type": "ipv4_addr" if version == 4 else "ipv6_addr", "flags": ["interval"]}
+    commands: list[Command] = [{"add": {"set": spec}}]
+    if nets:
+        commands.append({"add": {"element": {"family": FAMILY, "table": table_name(dmz), "name": name,
+                                             "elem": [_addr(n) for n in nets]}}})
+    return commands
+
+
+def _source_checks(dmz: DMZ, chain: str, allow_unspecified: bool) -> list[Command]:
+    """Anti-spoofing: drop sources outside the DMZ's own subnets (all IPv6 when it has none)."""
+    v4_ok = [dmz.subnet] + ([ipaddress.ip_network("0.0.0.0/32")] if allow_unspecified else [])
+    rules = [_rule(dmz, chain, [_match(_payload("ip", "saddr"), _anon_set(v4_ok), "!="),
+                                _verdict("jump", "spoofed")], "IPv4 source outside the DMZ subnet")]
+    if dmz.subnet6 is not None:
+        v6_ok = [dmz.subnet6]
+        if allow_unspecified:
+            # Neighbour discovery and duplicate address detection to the host.
+            v6_ok += [ipaddress.ip_network("fe80::/10"), ipaddress.ip_network("::/128")]
+        rules.append(_rule(dmz, chain, [_match(_payload("ip6", "saddr"), _anon_set(v6_ok), "!="),
+                                        _verdict("jump", "spoofed")], "IPv6 source outside the DMZ subnet"))
+    else:
+        rules.append(_rule(dmz, chain, [_match(_meta("nfproto"), "ipv6"), _verdict("jump", "spoofed")],
+                           "the DMZ has no IPv6"))
+    return rules
+
+
+def render_table(dmz: DMZ) -> list[Command]:
+    """Every command that creates the table from nothing, in order."""
+    name = table_name(dmz)
+    bridge = dmz.bridge
+    from_bridge = _match(_meta("iifname"), bridge)
+    established = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+    commands: list[Command] = [{"add": {"table": {"family": FAMILY, "name": name}}}]
+    commands += _set(dmz, "protected4", dmz.protected4, 4)
+    commands += _set(dmz, "protected6", dmz.protected6, 6)
+    log_drop_chains = [("spoofed", "spoofed"), ("protected", "to-protected"), ("host", "to-host")]
+    if dmz.isolate_vms:
+        log_drop_chains.append(("vm_to_vm", "vm-to-vm"))
+    if dmz.egress == "none":
+        log_drop_chains.append(("egress", "egress"))
+    for chain, reason in log_drop_chains:
+        commands += _log_drop_chain(dmz, chain, reason)
+
+    # forward: the DMZ towards everything routed through the host.
+    commands += [_chain(dmz, "forward", "forward"), _chain(dmz, "from_dmz")]
+    commands.append(_rule(dmz, "forward", [established, _verdict("accept")], "replies to allowed flows"))
+    commands.append(_rule(dmz, "forward", [from_bridge, _verdict("jump", "from_dmz")], "from the DMZ"))
+    commands += _source_checks(dmz, "from_dmz", allow_unspecified=False)
+    for hole in dmz.holes:
+        commands.append(_rule(dmz, "from_dmz", _hole_exprs(dmz, hole) + [_counter(), _verdict("accept")],
+                              f"hole {hole.origin}"))
+    if dmz.isolate_vms:
+        commands.append(_rule(dmz, "from_dmz", [_match(_meta("oifname"), bridge), _verdict("jump", "vm_to_vm")],
+                              "VM to VM through the host (isolate_vms)"))
+    commands.append(_rule(dmz, "from_dmz", [_match(_payload("ip", "daddr"), "@protected4"),
+                                            _verdict("jump", "protected")], "to protected IPv4"))
+    commands.append(_rule(dmz, "from_dmz", [_match(_payload("ip6", "daddr"), "@protected6"),
+                                            _verdict("jump", "protected")], "to protected IPv6"))
+    if dmz.egress == "none":
+        commands.append(_rule(dmz, "from_dmz", [_verdict("jump", "egress")], "egress none"))
+
+    # input: the DMZ towards the host itself, whatever address it is sent to.
+    commands += [_chain(dmz, "input", "input"), _chain(dmz, "to_host")]
+    commands.append(_rule(dmz, "input", [established, _verdict("accept")], "replies to allowed flows"))
+    commands.append(_rule(dmz, "input", [from_bridge, _verdict("jump", "to_host")], "from the DMZ"))
+    commands += _source_checks(dmz, "to_host", allow_unspecified=True)
+    for hole in dmz.holes:
+        commands.append(_rule(dmz, "to_host", _hole_exprs(dmz, hole) + [_counter(), _verdict("accept")],
+                              f"hole {hole.origin}"))
+    if dmz.dhcp:
+        commands.append(_rule(dmz, "to_host", [
+            _match(_payload("ip", "daddr"), {"set": [str(dmz.gateway.ip), "255.255.255.255"]}),
+            _match(_meta("l4proto"), "udp"), _match(_payload("udp", "dport"), 67),
+            _verdict("accept")], "DHCP to the gateway"))
+        commands.append(_rule(dmz, "to_host", [
+            _match(_payload("ip", "daddr"), str(dmz.gateway.ip)),
+            _match(_meta("l4proto"), {"set": ["tcp", "udp"]}), _match(_payload("th", "dport"), 53),
+            _verdict("accept")], "DNS to the gateway"))
+    if dmz.gateway6 is not None:
+        commands.append(_rule(dmz, "to_host", [
+            _match(_meta("l4proto"), "ipv6-icmp"),
+            _match(_payload("icmpv6", "type"),
+                   {"set": ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]}),
+            # Genuine neighbour discovery never crosses a router.
+            _match(_payload("ip6", "hoplimit"), 255),
+            _verdict("accept")], "IPv6 neighbour discovery"))
+    commands.append(_rule(dmz, "to_host", [_verdict("jump", "host")], "everything else to the host"))
+    return commands
+
+
+def apply_batch(dmz: DMZ) -> dict:
+    """One transaction that replaces the table whole: add (so delete never fails), delete, recreate."""
+    name = table_name(dmz)
+    table = {"table": {"family": FAMILY, "name": name}}
+    return {"nftables": [{"metainfo": {"json_schema_version": 1}}, {"add": table}, {"delete": table}]
+            + render_table(dmz)}
+
+
+def delete_batch(table: str) -> dict:
+    spec = {"table": {"family": FAMILY, "name": table}}
+    return {"nftables": [{"metainfo": {"json_schema_version": 1}}, {"add": spec}, {"delete": spec}]}
