@@ -23,13 +23,13 @@ IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 
 DEFAULT_CONFIG_DIR = Path("/etc/dmzctl")
 
-DMZ_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-VM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
-BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
-RATE_RE = re.compile(r"^([1-9][0-9]*)/(second|minute|hour|day)$")
+DMZ_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}\Z")
+VM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}\Z")
+BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}\Z")
+RATE_RE = re.compile(r"^([1-9][0-9]*)/(second|minute|hour|day)\Z")
 MEMORY_RE = re.compile(r"^\s*([0-9]+)\s*(KiB|MiB|GiB|K|M|G)?\s*$")
-PORT_RANGE_RE = re.compile(r"^([0-9]+)-([0-9]+)$")
+PORT_RANGE_RE = re.compile(r"^([0-9]{1,9})-([0-9]{1,9})\Z")  # bounded: int() refuses > 4300 digits
 
 MODES = ("route", "nat", "isolated")
 EGRESS = ("any", "none")
@@ -179,7 +179,8 @@ class _Checker:
         for key in sorted(set(table) - allowed):
             hint = _closest(key, allowed)
             suggestion = f"; did you mean '{hint}'?" if hint else f"; known keys: {', '.join(sorted(allowed))}"
-            self.problem(f"{where}.{key}" if where else key, f"unknown key{suggestion}")
+            shown = key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else repr(key)
+            self.problem(f"{where}.{shown}" if where else shown, f"unknown key{suggestion}")
 
     def typed(self, table: dict, key: str, kind, where: str, default=None, required=False, kind_name=None):
         if key not in table:
@@ -270,7 +271,7 @@ def _parse_ports(check: _Checker, value: Any, where: str) -> Optional[tuple[int,
         low = high = value
     elif isinstance(value, str) and PORT_RANGE_RE.match(value):
         low, high = (int(x) for x in PORT_RANGE_RE.match(value).groups())
-    elif isinstance(value, str) and value.isdigit():
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value):
         low = high = int(value)
     else:
         check.problem(where, f"must be a port number or a range 'a-b'; got {value!r}")
@@ -312,6 +313,8 @@ def load_dmz(path: Path) -> DMZ:
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
     except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
+    except (ValueError, RecursionError) as exc:  # tomllib lets int()'s digit limit and deep nesting through
         raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
     config_hash = hashlib.sha256(raw_bytes).hexdigest()
     return parse_dmz(data, path.resolve(), config_hash)
@@ -390,6 +393,8 @@ def parse_dmz(data: dict, source: Path = Path("<memory>"), config_hash: str = ""
         check.problem("dmz.log_burst", f"{log_burst} must be between 1 and 10000")
 
     vms = _parse_vms(check, data.get("vm", []), name, gateway, gateway6, dhcp)
+    declared = {t["name"] for t in data.get("vm", []) if isinstance(t, dict) and isinstance(t.get("name"), str)} \
+        if isinstance(data.get("vm", []), list) else set()
 
     holes: list[Hole] = []
     if dns is not None:
@@ -397,7 +402,7 @@ def parse_dmz(data: dict, source: Path = Path("<memory>"), config_hash: str = ""
             holes.append(Hole(to=ipaddress.ip_network(dns), proto=proto, ports=(53, 53), origin="dns"))
     raw_allow = check.typed(dmz_table, "allow", list, "dmz", default=[], kind_name="a list of [[dmz.allow]] tables")
     for index, entry in enumerate(raw_allow or []):
-        hole = _parse_hole(check, entry, f"dmz.allow[{index + 1}]", collapsed, gateway, gateway6, vms)
+        hole = _parse_hole(check, entry, f"dmz.allow[{index + 1}]", collapsed, gateway, gateway6, vms, declared)
         if hole is not None:
             holes.append(hole)
 
@@ -411,7 +416,7 @@ def parse_dmz(data: dict, source: Path = Path("<memory>"), config_hash: str = ""
     )
 
 
-def _parse_hole(check, entry, where, protected, gateway, gateway6, vms) -> Optional[Hole]:
+def _parse_hole(check, entry, where, protected, gateway, gateway6, vms, declared=frozenset()) -> Optional[Hole]:
     if not isinstance(entry, dict):
         check.problem(where, "must be a table [[dmz.allow]]")
         return None
@@ -464,6 +469,8 @@ def _parse_hole(check, entry, where, protected, gateway, gateway6, vms) -> Optio
                                                    f"(vm.{'ip' if target.version == 4 else 'ip6'}); a hole from a VM "
                                                    f"needs one to match on")
                     return None
+        elif source in declared:
+            return None  # a VM of this DMZ whose own problems are already reported
         else:
             try:
                 source_net = ipaddress.ip_network(source, strict=True)
@@ -562,7 +569,7 @@ def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
             elif ip in (net.network_address, net.broadcast_address):
                 check.problem(f"{where}.ip", f"{ip} is the network or broadcast address of {net}")
                 ip = None
-        if ip is None and "ip" not in table and not dhcp:
+        if ip is None and "ip" not in table and dhcp is False:
             check.problem(f"{where}.ip", "required when dmz.dhcp is false (the anti-spoofing filter binds the "
                                          "VM to its address)")
         ip6 = _parse_address(check, check.typed(table, "ip6", str, where), f"{where}.ip6", 6)
@@ -607,6 +614,8 @@ def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
                 seen[key][value] = where
         if None in (name, memory, vcpus, boot, mac, graphics, timeout, autostart, virt_type):
             continue
+        if ("ip" in table and ip is None) or ("ip6" in table and ip6 is None):
+            continue  # already reported; holes `from` it must not claim it has no address
         vms.append(VM(
             name=name, memory_mib=memory, vcpus=vcpus, disks=tuple(disks), cdrom=paths["cdrom"],
             boot=boot, kernel=paths["kernel"], initrd=paths["initrd"], cmdline=cmdline, ip=ip, ip6=ip6,
@@ -636,9 +645,10 @@ def load_all(paths: list[Path]) -> list[DMZ]:
                 owners[key] = str(dmz.source)
     for i, first in enumerate(dmzs):
         for second in dmzs[i + 1:]:
-            for a, b in ((first.subnet, second.subnet), (first.subnet6, second.subnet6)):
+            for a, b, label in ((first.subnet, second.subnet, "dmz.gateway"),
+                                (first.subnet6, second.subnet6, "dmz.gateway6")):
                 if a is not None and b is not None and a.overlaps(b):
-                    problems.append(f"{second.source}: dmz.gateway: subnet {b} overlaps {a} of {first.source}")
+                    problems.append(f"{second.source}: {label}: subnet {b} overlaps {a} of {first.source}")
     if problems:
         raise ConfigError(problems)
     return dmzs

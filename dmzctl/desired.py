@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+import copy
+import hashlib
+
 from .config import DMZ
-from .render.base import load_base, xml_dir
+from .render.base import NS, load_base, to_string, xml_dir
 from .render.domain import HostFacts, render_domain
 from .render.network import render_network
 from .render.nft import Command, render_table, table_name
@@ -24,6 +27,27 @@ class DesiredDMZ:
     domains: dict[str, etree._Element]
 
 
+def stamp_digest(element: etree._Element) -> str:
+    """Record a digest of the rendered document in its dmzctl metadata, so that a
+    later run can tell whether the live object still is what this config renders."""
+
+
+    owned = element.find(f"metadata/{{{NS}}}*")
+    owned.attrib.pop("digest", None)
+    # Only what the document says counts, not which file or which edit of it said so.
+    bare = copy.deepcopy(element)
+    for key in ("digest", "hash", "config"):
+        bare.find(f"metadata/{{{NS}}}*").attrib.pop(key, None)
+    digest = hashlib.sha256(to_string(bare).encode()).hexdigest()[:16]
+    owned.set("digest", digest)
+    return digest
+
+
+def owned_metadata(element: etree._Element):
+    """dmzctl's metadata element of a live or rendered document, or None if not ours."""
+    return element.find(f"metadata/{{{NS}}}*")
+
+
 def build(dmz: DMZ, facts: HostFacts = HostFacts()) -> DesiredDMZ:
     nwfilters: dict[str, etree._Element] = {CLEAN_TRAFFIC: clean_traffic_filter()}
     domains: dict[str, etree._Element] = {}
@@ -31,5 +55,8 @@ def build(dmz: DMZ, facts: HostFacts = HostFacts()) -> DesiredDMZ:
         nwfilters.update(render_nwfilters(dmz, vm))
         base = load_base(vm.domain_xml) if vm.domain_xml else load_base(xml_dir() / "domain.xml")
         domains[vm.name] = render_domain(dmz, vm, facts, base=base)
-    return DesiredDMZ(dmz=dmz, network=render_network(dmz), nwfilters=nwfilters,
+        stamp_digest(domains[vm.name])
+    network = render_network(dmz)
+    stamp_digest(network)
+    return DesiredDMZ(dmz=dmz, network=network, nwfilters=nwfilters,
                       table=table_name(dmz), nft=render_table(dmz), domains=domains)

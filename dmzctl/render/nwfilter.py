@@ -6,9 +6,9 @@ port (ebtables) and hold even if the table is deleted under a running VM.
 Per VM:
   dmzctl-<dmz>-<vm>          root: references all the below (the NIC's filterref)
   dmzctl-clean-traffic       static (xml/nwfilter): MAC/IPv4/ARP anti-spoofing
-  dmzctl-<dmz>-<vm>-guard4   chain ipv4-dmzguard: no DHCP server replies, holes, protected dropped
-  dmzctl-<dmz>-<vm>-spoof6   chain ipv6-dmzspoof: IPv6 source bound (DMZ with IPv6 only)
-  dmzctl-<dmz>-<vm>-guard6   chain ipv6-dmzguard: no RAs / DHCPv6 replies, holes, protected dropped
+  dmzctl-<dmz>-<vm>-guard4   chain ipv4-dmzctl: no DHCP server replies, holes, protected dropped
+  dmzctl-<dmz>-<vm>-spoof6   chain ipv6-dmzspf: IPv6 source bound (DMZ with IPv6 only)
+  dmzctl-<dmz>-<vm>-guard6   chain ipv6-dmzctl: no RAs / DHCPv6 replies, holes, protected dropped
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Iterable
 from lxml import etree
 
 from ..config import DMZ, VM, Hole
-from .base import load_base, sub, xml_dir
+from .base import load_base, stable_uuid, sub, xml_dir
 
 CLEAN_TRAFFIC = "dmzctl-clean-traffic"
 # ebtables evaluates the root chain's jumps and rules by priority: the guards
@@ -57,8 +57,18 @@ def holes_for_vm(dmz: DMZ, vm: VM, family: int) -> list[Hole]:
     return chosen
 
 
+def with_uuid(element: etree._Element) -> etree._Element:
+    """A stable uuid per filter name: libvirt only redefines a filter whose uuid matches."""
+    for old in element.findall("uuid"):
+        element.remove(old)
+    uuid = etree.Element("uuid")
+    uuid.text = stable_uuid("nwfilter", element.get("name"))
+    element.insert(0, uuid)
+    return element
+
+
 def clean_traffic_filter() -> etree._Element:
-    return load_base(xml_dir() / "nwfilter" / f"{CLEAN_TRAFFIC}.xml")
+    return with_uuid(load_base(xml_dir() / "nwfilter" / f"{CLEAN_TRAFFIC}.xml"))
 
 
 def _rule(parent, action: str, priority: int, direction: str = "out") -> etree._Element:
@@ -98,7 +108,7 @@ def render_nwfilters(dmz: DMZ, vm: VM) -> dict[str, etree._Element]:
     top_name = vm_filter_name(dmz, vm)
     filters: dict[str, etree._Element] = {}
     filters[f"{top_name}-guard4"] = _guard(
-        f"{top_name}-guard4", "ipv4-dmzguard", GUARD4_PRIORITY, 4, dmz, vm,
+        f"{top_name}-guard4", "ipv4-dmzctl", GUARD4_PRIORITY, 4, dmz, vm,
         rogue_servers=[{"protocol": "udp", "srcportstart": "67"}])
 
     top = etree.Element("filter", name=top_name, chain="root")
@@ -106,7 +116,7 @@ def render_nwfilters(dmz: DMZ, vm: VM) -> dict[str, etree._Element]:
     sub(top, "filterref", filter=f"{top_name}-guard4")
 
     if dmz.gateway6 is not None:
-        spoof6 = etree.Element("filter", name=f"{top_name}-spoof6", chain="ipv6-dmzspoof",
+        spoof6 = etree.Element("filter", name=f"{top_name}-spoof6", chain="ipv6-dmzspf",
                                priority=SPOOF6_PRIORITY)
         allowed = [("fe80::", "10"), ("::", "128")]  # neighbour discovery, duplicate address detection
         if vm.ip6 is not None:
@@ -118,7 +128,7 @@ def render_nwfilters(dmz: DMZ, vm: VM) -> dict[str, etree._Element]:
         _rule(spoof6, "drop", 1000)
         filters[f"{top_name}-spoof6"] = spoof6
         filters[f"{top_name}-guard6"] = _guard(
-            f"{top_name}-guard6", "ipv6-dmzguard", GUARD6_PRIORITY, 6, dmz, vm,
+            f"{top_name}-guard6", "ipv6-dmzctl", GUARD6_PRIORITY, 6, dmz, vm,
             rogue_servers=[{"protocol": "icmpv6", "type": "134"},  # router advertisement
                            {"protocol": "icmpv6", "type": "137"},  # redirect
                            {"protocol": "udp", "srcportstart": "547"}])  # DHCPv6 server
@@ -127,4 +137,4 @@ def render_nwfilters(dmz: DMZ, vm: VM) -> dict[str, etree._Element]:
         sub(_rule(top, "accept", ACCEPT6_PRIORITY), "mac", protocolid="ipv6")
         sub(top, "filterref", filter="allow-incoming-ipv6")
     filters[top_name] = top
-    return filters
+    return {name: with_uuid(element) for name, element in filters.items()}

@@ -1,0 +1,1 @@
+"""The one thin layer that talks to the host: libvirt, nftables, namespaces, syslog."""

@@ -1,0 +1,111 @@
+"""nftables through libnftables' JSON API: one batch per change, atomic, and reading back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from typing import Any, Optional
+
+from ..errors import FirewallError, HostError
+from ..render.base import OWNED_PREFIX
+from ..render.nft import FAMILY
+
+
+def _binding():
+    try:
+        import nftables
+    except ImportError:
+        raise HostError("the nftables Python binding is missing: apt-get install python3-nftables "
+                        "(and use a venv made with --system-site-packages)") from None
+    return nftables
+
+
+def _client(dry_run: bool = False):
+    # A fresh object each time: after a dry run, the same object can refuse a
+    # real apply with "conflicting intervals" (HOST-NOTES).
+    nft = _binding().Nftables()
+    nft.set_json_output(True)
+    nft.set_handle_output(False)
+    if dry_run:
+        nft.set_dry_run(True)
+    return nft
+
+
+def apply(batch: dict, dry_run: bool = False) -> None:
+    """Send one batch; nothing of it is committed unless all of it is."""
+    rc, _out, err = _client(dry_run).json_cmd(batch)
+    if rc != 0:
+        first = next((line for line in err.splitlines() if line.strip()), "unknown error")
+        raise FirewallError(f"nftables refused the firewall batch, nothing was changed: {first}", batch)
+
+
+def list_table(name: str) -> Optional[dict]:
+    """The table as libnftables lists it (without handles), or None if absent."""
+    rc, out, _err = _client().cmd(f"list table {FAMILY} {name}")
+    if rc != 0:
+        return None
+    return json.loads(out)
+
+
+def table_exists(name: str) -> bool:
+    return list_table(name) is not None
+
+
+def owned_tables() -> list[str]:
+    rc, out, err = _client().cmd("list tables")
+    if rc != 0:
+        raise HostError(f"cannot list nftables tables: {err.strip()}")
+    names = []
+    for item in json.loads(out).get("nftables", []):
+        table = item.get("table")
+        if table and table["family"] == FAMILY and table["name"].startswith(OWNED_PREFIX):
+            names.append(table["name"])
+    return sorted(names)
+
+
+def canonical(listing: Optional[dict]) -> Any:
+    """A listing reduced to what defines the policy: no handles, counters or limits' state."""
+    if listing is None:
+        return None
+    objects = []
+    for item in listing.get("nftables", []):
+        if "metainfo" in item:
+            continue
+        (kind, body), = item.items()
+        body = {k: v for k, v in body.items() if k not in ("handle", "index")}
+        if kind == "rule":
+            body["expr"] = [_strip_counter(e) for e in body.get("expr", [])]
+        objects.append({kind: body})
+    return objects
+
+
+def _strip_counter(expr: Any) -> Any:
+    if isinstance(expr, dict) and "counter" in expr:
+        return {"counter": None}
+    return expr
+
+
+def kernel_form(batch: dict, table: str) -> Any:
+    """How the kernel lists `batch` once applied, found in a throwaway network namespace.
+
+    libnftables lists a table differently from the JSON that created it; applying
+    it where nothing else lives and reading it back gives the form to compare with.
+    """
+    unshare = shutil.which("unshare")
+    nft = shutil.which("nft")
+    if not unshare or not nft:
+        raise HostError("unshare (util-linux) and nft (nftables) are needed to compare firewall tables")
+    script = f'{nft} -j -f - && {nft} -j list table {FAMILY} {table}'
+    result = subprocess.run([unshare, "--net", "sh", "-c", script], input=json.dumps(batch),
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise FirewallError(f"nftables refused the firewall batch: {result.stderr.strip()}", batch)
+    return canonical(json.loads(result.stdout))
+
+
+def list_table_text(name: str) -> Optional[str]:
+    """The table in nft's own syntax, for people."""
+    nft = _binding().Nftables()
+    rc, out, _err = nft.cmd(f"list table {FAMILY} {name}")
+    return out if rc == 0 else None

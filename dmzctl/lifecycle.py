@@ -1,0 +1,442 @@
+"""Bringing a DMZ up and down through libvirt and nftables, fail closed.
+
+Order in `up`: checks (nothing changed yet) -> network -> nwfilters -> nft table
+-> VMs. VMs start only when the network is active and the table is in place.
+Whatever one run created is undone, newest first, when a later step fails.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from lxml import etree
+
+from . import events
+from .config import DMZ
+from .desired import DesiredDMZ, build
+from .errors import DmzctlError, HostError, LockedError
+from .host import nft
+from .host.virt import Virt, check_owned, digest_of, domains_of, owner_of
+from .render.base import to_string
+from .render.domain import HostFacts
+from .render.nft import apply_batch, delete_batch
+
+LOCK_DIR = Path(os.environ.get("DMZCTL_RUN_DIR", "/run/dmzctl"))
+Say = Callable[[str], None]
+
+
+@dataclass
+class Outcome:
+    """What one command did to one DMZ, for the CLI to print."""
+
+    dmz: str
+    say: Optional[Say] = None  # told of each change as it happens
+    changes: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+
+    def change(self, what: str) -> None:
+        self.changes.append(what)
+        if self.say is not None:
+            self.say(f"{self.dmz}: {what}")
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+@contextmanager
+def dmz_lock(name: str, timeout: float = 120.0, say: Optional[Say] = None) -> Iterator[None]:
+    """One dmzctl run per DMZ at a time (flock, released when the process ends)."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_DIR / f"{name}.lock", "w") as handle:
+        deadline = time.monotonic() + timeout
+        told = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockedError(f"DMZ {name}: another dmzctl run still holds {LOCK_DIR}/{name}.lock "
+                                      f"after {timeout:.0f} s") from None
+                if say and not told:
+                    say(f"{name}: waiting for another dmzctl run on this DMZ")
+                    told = True
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise HostError("must run as root: nftables and libvirt's system instance need it")
+
+
+def host_facts(virt: Virt, dmz: DMZ) -> HostFacts:
+    override = os.environ.get("DMZCTL_VIRT_TYPE") or None
+    if override not in (None, "kvm", "qemu"):
+        raise HostError(f"DMZCTL_VIRT_TYPE must be kvm or qemu; got {override!r}")
+    formats = {}
+    for vm in dmz.vms:
+        for disk in vm.disks:
+            detected = _image_format(disk)
+            if detected:
+                formats[disk] = detected
+    return HostFacts(kvm_usable=virt.kvm_usable(), virt_type_override=override, disk_formats=formats)
+
+
+def _image_format(path: Path) -> Optional[str]:
+    """The format qemu-img reads from the image itself, when it can."""
+    import json
+    import subprocess
+
+    if not path.exists():
+        return None
+    try:
+        result = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return None
+    return json.loads(result.stdout).get("format")
+
+
+def preflight(virt: Virt, desired: DesiredDMZ, vm_names: list[str]) -> None:
+    """Every check `up` needs, before it changes anything."""
+    dmz = desired.dmz
+    require_root()
+    nft._binding()
+    net = virt.network(dmz.name)
+    if net is not None:
+        check_owned("network", dmz.name, owner_of(virt.network_xml(net)), dmz.name)
+    other = virt.network_of_bridge(dmz.bridge)
+    if other is not None and other != dmz.name:
+        raise HostError(f"bridge {dmz.bridge} belongs to libvirt network {other!r}; set dmz.bridge to a free name")
+    if other is None and Path(f"/sys/class/net/{dmz.bridge}").exists():
+        raise HostError(f"interface {dmz.bridge} already exists and is not a dmzctl network's bridge; "
+                        f"set dmz.bridge to a free name")
+    for vm in dmz.vms:
+        info = virt.domain_info(vm.name)
+        if info is not None:
+            check_owned("domain", vm.name, info.owner, dmz.name)
+    missing = []
+    for vm in dmz.vms:
+        if vm.name not in vm_names:
+            continue
+        for label, path in ([("disk", d) for d in vm.disks] + [("cdrom", vm.cdrom), ("kernel", vm.kernel),
+                                                                ("initrd", vm.initrd)]):
+            if path is not None and not path.exists():
+                missing.append(f"vm[{vm.name}].{label} {path}")
+    if missing:
+        raise HostError("missing file(s): " + "; ".join(missing))
+
+
+def selected_vms(dmz: DMZ, only: Optional[list[str]]) -> list[str]:
+    names = [vm.name for vm in dmz.vms]
+    if not only:
+        return names
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise DmzctlError(f"DMZ {dmz.name} has no VM named {', '.join(unknown)}; "
+                          f"its VMs: {', '.join(names) or 'none'}")
+    return list(only)
+
+
+class Undo:
+    """Steps to reverse what this run created, run newest first on failure."""
+
+    def __init__(self, say: Say):
+        self.steps: list[tuple[str, Callable[[], None]]] = []
+        self.say = say
+
+    def add(self, what: str, step: Callable[[], None]) -> None:
+        self.steps.append((what, step))
+
+    def run(self) -> None:
+        for what, step in reversed(self.steps):
+            try:
+                step()
+                self.say(f"  undone: {what}")
+            except Exception as error:  # keep undoing the rest; say what could not be undone
+                self.say(f"  could not undo {what}: {error}")
+
+
+def firewall_in_sync(desired: DesiredDMZ) -> bool:
+    live = nft.canonical(nft.list_table(desired.table))
+    if live is None:
+        return False
+    return live == nft.kernel_form(apply_batch(desired.dmz), desired.table)
+
+
+def apply_firewall(desired: DesiredDMZ, outcome: Outcome, undo: Optional[Undo]) -> None:
+    existed = nft.table_exists(desired.table)
+    if existed and firewall_in_sync(desired):
+        return
+    nft.apply(apply_batch(desired.dmz))
+    if not nft.table_exists(desired.table):
+        raise HostError(f"nftables accepted table {desired.table} but it is not there; refusing to go on")
+    outcome.change(f"firewall table inet {desired.table} {'updated' if existed else 'applied'}")
+    events.record(f"dmz={desired.dmz.name} firewall table {desired.table} {'updated' if existed else 'applied'}")
+    if undo is not None and not existed:
+        undo.add(f"firewall table {desired.table}", lambda: nft.apply(delete_batch(desired.table)))
+
+
+def up(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, restart_changed: bool = False,
+       say: Say = print) -> Outcome:
+    vm_names = selected_vms(dmz, only)
+    desired = build(dmz, host_facts(virt, dmz))
+    preflight(virt, desired, vm_names)
+    outcome = Outcome(dmz.name, say)
+    undo = Undo(say)
+    try:
+        _up_network(virt, desired, outcome, undo)
+        _up_nwfilters(virt, desired, outcome, undo)
+        apply_firewall(desired, outcome, undo)
+        # Fail closed: re-check both layers right before any VM may run.
+        if not nft.table_exists(desired.table):
+            raise HostError(f"firewall table {desired.table} is missing; no VM is started without it")
+        for name in vm_names:
+            _up_domain(virt, desired, name, restart_changed, outcome, undo, say)
+    except BaseException:
+        if undo.steps:
+            say(f"{dmz.name}: failed; undoing what this run did")
+        undo.run()
+        raise
+    return outcome
+
+
+def _up_network(virt: Virt, desired: DesiredDMZ, outcome: Outcome, undo: Undo) -> None:
+    dmz = desired.dmz
+    xml = to_string(desired.network)
+    want = digest_of(xml)
+    net = virt.network(dmz.name)
+    if net is None:
+        net = virt.define_network(xml)
+        outcome.change(f"network {dmz.name} defined (bridge {dmz.bridge})")
+        undo.add(f"network {dmz.name}", lambda: virt.remove_network(net))
+    elif digest_of(virt.network_xml(net)) != want:
+        virt.define_network(xml)
+        outcome.change(f"network {dmz.name} definition updated")
+        if net.isActive():
+            outcome.pending.append(f"network {dmz.name}: the new definition applies when the network restarts "
+                                   f"(dmzctl down, then up)")
+    if not net.isActive():
+        was_defined_here = bool(undo.steps)
+        virt.start_network(net)
+        outcome.change(f"network {dmz.name} started")
+        if not was_defined_here:
+            undo.add(f"network {dmz.name} start", lambda: net.destroy())
+    elif not net.autostart():
+        virt.start_network(net)
+
+
+def _up_nwfilters(virt: Virt, desired: DesiredDMZ, outcome: Outcome, undo: Undo) -> None:
+    for name, element in desired.nwfilters.items():
+        xml = to_string(element)
+        live = virt.nwfilter_xml(name)
+        if live is not None and _same_filter(live, element):
+            continue
+        virt.define_nwfilter(xml)
+        outcome.change(f"nwfilter {name} {'updated' if live else 'defined'}")
+        if live is None:
+            undo.add(f"nwfilter {name}", lambda name=name: virt.undefine_nwfilter(name))
+
+
+def _same_filter(live_xml: str, element: etree._Element) -> bool:
+    """Equal as XML: libvirt writes filters back with other quoting and indentation."""
+    parser = etree.XMLParser(remove_blank_text=True)
+    live = etree.fromstring(live_xml.encode(), parser)
+    wanted = etree.fromstring(etree.tostring(element), parser)
+    return etree.tostring(live, method="c14n") == etree.tostring(wanted, method="c14n")
+
+
+def _up_domain(virt: Virt, desired: DesiredDMZ, name: str, restart_changed: bool, outcome: Outcome,
+               undo: Undo, say: Say) -> None:
+    dmz = desired.dmz
+    vm = dmz.vm(name)
+    xml = to_string(desired.domains[name])
+    info = virt.domain_info(name)
+    if info is None:
+        dom = virt.define_domain(xml)
+        outcome.change(f"VM {name} defined")
+        undo.add(f"VM {name} definition", lambda: virt.undefine_domain(dom))
+    else:
+        dom = virt.domain(name)
+        if info.digest != digest_of(xml):
+            virt.define_domain(xml)
+            outcome.change(f"VM {name} definition updated")
+            if info.running and restart_changed:
+                say(f"{dmz.name}: restarting {name} for its new definition")
+                stop_domains(virt, dmz, [name], say=say)
+                info = virt.domain_info(name)
+            elif info.running:
+                outcome.pending.append(f"VM {name}: the new definition applies at its next start "
+                                       f"(dmzctl up --restart-changed)")
+    if bool(dom.autostart()) != vm.autostart:
+        virt.set_autostart(dom, vm.autostart)
+    if not virt.is_running(dom):
+        say(f"{dmz.name}: starting {name}")
+        began = time.monotonic()
+        virt.start_domain(dom)
+        outcome.change(f"VM {name} started ({time.monotonic() - began:.1f} s)")
+        events.record(f"dmz={dmz.name} vm={name} started")
+        undo.add(f"VM {name} start", lambda: virt.destroy_domain(dom))
+
+
+def stop_domains(virt: Virt, dmz: DMZ, names: list[str], timeout: Optional[float] = None,
+                 say: Say = print) -> list[str]:
+    """ACPI shutdown for all at once, wait (event-driven) up to each VM's timeout, destroy the rest.
+
+    Returns what happened to each VM, one line each.
+    """
+    report = []
+    running = {}
+    for name in names:
+        dom = virt.domain(name)
+        if dom is not None and not virt.is_off(dom):
+            running[name] = dom
+    if not running:
+        return report
+    began = time.monotonic()
+    deadlines = {}
+    for name, dom in running.items():
+        limit = timeout if timeout is not None else _vm_timeout(dmz, name)
+        deadlines[name] = began + limit
+        virt.shutdown_domain(dom)
+        say(f"{dmz.name}: asked {name} to power off (ACPI), waiting up to {limit:.0f} s")
+        events.record(f"dmz={dmz.name} vm={name} ACPI shutdown requested")
+    last_tick = [0.0]
+
+    def tick(_remaining):
+        now = time.monotonic()
+        if now - last_tick[0] >= 5:
+            waiting = [n for n, d in running.items() if not virt.is_off(d)]
+            if waiting and now - began >= 1:
+                say(f"  still waiting for {', '.join(waiting)} ({now - began:.0f} s)")
+            last_tick[0] = now
+
+    for name, dom in running.items():
+        remaining = deadlines[name] - time.monotonic()
+        if virt.wait_for(lambda: virt.is_off(dom), max(remaining, 0), tick=tick):
+            report.append(f"VM {name} powered off ({time.monotonic() - began:.1f} s)")
+            events.record(f"dmz={dmz.name} vm={name} powered off")
+        else:
+            virt.destroy_domain(dom)
+            virt.wait_for(lambda: virt.is_off(dom), 30)
+            report.append(f"VM {name} did not power off within its timeout: destroyed")
+            events.record(f"dmz={dmz.name} vm={name} destroyed after shutdown timeout")
+    return report
+
+
+def _vm_timeout(dmz: DMZ, name: str) -> float:
+    try:
+        return dmz.vm(name).shutdown_timeout
+    except KeyError:
+        return 20.0
+
+
+def down(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, timeout: Optional[float] = None,
+         keep_network: bool = False, say: Say = print) -> Outcome:
+    require_root()
+    outcome = Outcome(dmz.name, say)
+    # Everything this DMZ owns on the host, also VMs since removed from the config.
+    owned = sorted(set(domains_of(virt, dmz.name)) | {vm.name for vm in dmz.vms if _owned_domain(virt, vm.name, dmz)})
+    names = selected_vms(dmz, only) if only else owned
+    names = [n for n in names if n in owned]
+    for line in stop_domains(virt, dmz, names, timeout, say):
+        outcome.change(line)
+    if only or keep_network:
+        return outcome
+    for name in names:
+        dom = virt.domain(name)
+        if dom is not None:
+            virt.undefine_domain(dom)
+            outcome.change(f"VM {name} undefined")
+    _remove_nwfilters(virt, dmz, outcome)
+    net = virt.network(dmz.name)
+    if net is not None and owner_of(virt.network_xml(net)) == dmz.name:
+        virt.remove_network(net)
+        outcome.change(f"network {dmz.name} removed")
+    table = f"dmzctl-{dmz.name}"
+    if nft.table_exists(table):
+        nft.apply(delete_batch(table))
+        outcome.change(f"firewall table inet {table} removed")
+        events.record(f"dmz={dmz.name} firewall table {table} removed")
+    return outcome
+
+
+def _owned_domain(virt: Virt, name: str, dmz: DMZ) -> bool:
+    info = virt.domain_info(name)
+    return info is not None and info.owner == dmz.name
+
+
+def _remove_nwfilters(virt: Virt, dmz: DMZ, outcome: Outcome) -> None:
+    prefix = f"dmzctl-{dmz.name}-"
+    # Referencing filters first: libvirt refuses to remove a filter still referenced.
+    names = [n for n in virt.nwfilter_names() if n.startswith(prefix)]
+    for name in sorted(names, key=lambda n: (n.count("-guard") + n.count("-spoof"), n)):
+        virt.undefine_nwfilter(name)
+        outcome.change(f"nwfilter {name} removed")
+    # The shared clean-traffic filter goes with the last DMZ that uses it.
+    if not any(n.startswith("dmzctl-") and n != "dmzctl-clean-traffic" for n in virt.nwfilter_names()):
+        if virt.nwfilter_exists("dmzctl-clean-traffic"):
+            virt.undefine_nwfilter("dmzctl-clean-traffic")
+            outcome.change("nwfilter dmzctl-clean-traffic removed")
+
+
+def kill(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, say: Say = print) -> Outcome:
+    require_root()
+    outcome = Outcome(dmz.name, say)
+    names = selected_vms(dmz, only) if only else domains_of(virt, dmz.name)
+    for name in names:
+        dom = virt.domain(name)
+        if dom is None or virt.is_off(dom):
+            continue
+        if owner_of(virt.domain_xml(dom, inactive=False)) != dmz.name:
+            continue
+        virt.destroy_domain(dom)
+        virt.wait_for(lambda: virt.is_off(dom), 30)
+        outcome.change(f"VM {name} destroyed")
+        events.record(f"dmz={dmz.name} vm={name} killed (destroyed)")
+    return outcome
+
+
+def firewall_up(dmz: DMZ, say: Say = print) -> Outcome:
+    require_root()
+    outcome = Outcome(dmz.name, say)
+    desired_table = build_table_only(dmz)
+    apply_firewall(desired_table, outcome, None)
+    return outcome
+
+
+def build_table_only(dmz: DMZ) -> DesiredDMZ:
+    from .render.nft import render_table, table_name
+
+    return DesiredDMZ(dmz=dmz, network=None, nwfilters={}, table=table_name(dmz), nft=render_table(dmz),
+                      domains={})
+
+
+def firewall_down(virt: Virt, dmz: DMZ, force: bool = False, say: Say = print) -> Outcome:
+    require_root()
+    outcome = Outcome(dmz.name, say)
+    running = [n for n in domains_of(virt, dmz.name) if virt.domain_info(n).running]
+    if running and not force:
+        raise DmzctlError(f"DMZ {dmz.name}: VMs {', '.join(running)} are running; removing the firewall would "
+                          f"leave them unprotected. Stop them first, or use --force")
+    table = f"dmzctl-{dmz.name}"
+    if nft.table_exists(table):
+        nft.apply(delete_batch(table))
+        outcome.change(f"firewall table inet {table} removed")
+        events.record(f"dmz={dmz.name} firewall table {table} removed by 'firewall down'")
+        say(f"WARNING: DMZ {dmz.name} is no longer protected by its nftables table "
+            f"(only the per-VM nwfilters remain)")
+    return outcome

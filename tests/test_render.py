@@ -1,0 +1,206 @@
+"""Pure rendering: golden files, libvirt's RelaxNG schemas, libnftables' dry run, rule order."""
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from dmzctl.config import parse_dmz
+from dmzctl.desired import build
+from dmzctl.render.base import NS, to_string
+from dmzctl.render.domain import HostFacts, render_domain
+from dmzctl.render.nft import apply_batch, render_table
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden"
+SCHEMAS = Path("/usr/share/libvirt/schemas")
+CONFIGS = sorted((ROOT / "examples").glob("*.toml")) + sorted((Path(__file__).parent / "configs").glob("*.toml"))
+
+
+def load(path: Path):
+    raw = path.read_bytes()
+    # A fixed source path keeps golden files independent of the checkout's location.
+    return parse_dmz(tomllib.loads(raw.decode()), Path(f"/etc/dmzctl/{path.name}"), hashlib.sha256(raw).hexdigest())
+
+
+def rendered_files(path: Path) -> dict[str, str]:
+    desired = build(load(path), HostFacts())
+    files = {"network.xml": to_string(desired.network), "nft.json": json.dumps(desired.nft, indent=1) + "\n"}
+    for name, element in desired.nwfilters.items():
+        files[f"nwfilter-{name}.xml"] = to_string(element)
+    for name, element in desired.domains.items():
+        files[f"domain-{name}.xml"] = to_string(element)
+    return files
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_golden(config, regenerate):
+    directory = GOLDEN / config.stem
+    files = rendered_files(config)
+    if regenerate:
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.iterdir():
+            old.unlink()
+        for name, text in files.items():
+            (directory / name).write_text(text)
+    expected = {p.name: p.read_text() for p in directory.iterdir()} if directory.is_dir() else {}
+    assert sorted(files) == sorted(expected), "set of rendered documents changed (run pytest --regenerate)"
+    for name, text in files.items():
+        assert text == expected[name], f"{config.stem}/{name} differs from golden (run pytest --regenerate)"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_deterministic(config):
+    assert rendered_files(config) == rendered_files(config)
+
+
+def _schema(name):
+    return etree.RelaxNG(etree.parse(str(SCHEMAS / name)))
+
+
+@pytest.fixture(scope="module")
+def schemas():
+    if not SCHEMAS.is_dir():
+        pytest.fail(f"libvirt's schemas are missing from {SCHEMAS}: run scripts/setup.sh")
+    return {"network": _schema("network.rng"), "domain": _schema("domain.rng"), "nwfilter": _schema("nwfilter.rng")}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("virt_type", ["qemu", "kvm"])
+def test_valid_against_libvirt_schemas(config, virt_type, schemas):
+    desired = build(load(config), HostFacts(virt_type_override=virt_type))
+    documents = [("network", desired.network)] + [("nwfilter", e) for e in desired.nwfilters.values()] + \
+        [("domain", e) for e in desired.domains.values()]
+    for kind, element in documents:
+        schema = schemas[kind]
+        assert schema.validate(element), f"{kind} {element.findtext('name') or element.get('name')}: {schema.error_log}"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_nft_batch_accepted_by_libnftables(config):
+    nftables = pytest.importorskip("nftables", reason="python3-nftables (scripts/setup.sh)")
+    nft = nftables.Nftables()  # a fresh object per batch: see HOST-NOTES (interval sets after a dry run)
+    nft.set_dry_run(True)
+    rc, _out, err = nft.json_cmd(apply_batch(load(config)))
+    assert rc == 0, err
+
+
+def rules(commands, chain):
+    return [c["add"]["rule"] for c in commands if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == chain]
+
+
+def comments(commands, chain):
+    return [r["comment"] for r in rules(commands, chain)]
+
+
+def position(names, prefix):
+    return next(i for i, name in enumerate(names) if name.startswith(prefix))
+
+
+def test_forward_order_is_the_contract():
+    dmz = load(ROOT / "examples" / "web-and-mail.toml")
+    commands = render_table(dmz)
+    assert comments(commands, "forward") == ["replies to allowed flows", "from the DMZ"]
+    order = comments(commands, "from_dmz")
+    spoof = position(order, "IPv4 source outside")
+    first_hole, last_hole = position(order, "hole"), max(i for i, c in enumerate(order) if c.startswith("hole"))
+    protected = position(order, "to protected")
+    assert spoof < first_hole <= last_hole < protected
+    assert order[-2:] == ["to protected IPv4", "to protected IPv6"]
+
+
+def test_input_order_is_the_contract():
+    dmz = load(ROOT / "examples" / "demo.toml")
+    order = comments(render_table(dmz), "to_host")
+    assert order.index("IPv4 source outside the DMZ subnet") < order.index("hole dns") \
+        < order.index("DHCP to the gateway") < order.index("IPv6 neighbour discovery")
+    assert order[-1] == "everything else to the host"
+
+
+def test_egress_none_is_last_and_isolation_present():
+    dmz = load(Path(__file__).parent / "configs" / "nat-v4-only.toml")
+    order = comments(render_table(dmz), "from_dmz")
+    assert order[-1] == "egress none"
+    assert "VM to VM through the host (isolate_vms)" in order
+    assert order.index("the DMZ has no IPv6") < order.index("to protected IPv4")
+
+
+def test_protected_block_matches_every_protocol():
+    dmz = load(ROOT / "examples" / "demo.toml")
+    for rule in rules(render_table(dmz), "from_dmz"):
+        if rule["comment"].startswith("to protected"):
+            keys = [next(iter(e["match"]["left"])) for e in rule["expr"] if "match" in e]
+            assert keys == ["payload"], "the protected block must not narrow to a protocol"
+
+
+def test_limit_comes_before_log_and_drop_follows():
+    dmz = load(ROOT / "examples" / "demo.toml")
+    for chain in ("protected", "host", "spoofed"):
+        first, second = rules(render_table(dmz), chain)
+        assert [next(iter(e)) for e in first["expr"]] == ["limit", "log"]
+        assert first["expr"][0]["limit"] == {"rate": 6, "per": "hour", "burst": 5, "burst_unit": "packets"}
+        assert first["expr"][1]["log"]["prefix"].startswith("dmzctl demo ")
+        assert [next(iter(e)) for e in second["expr"]] == ["counter", "drop"]
+
+
+def test_sets_hold_collapsed_protected_prefixes():
+    dmz = load(Path(__file__).parent / "configs" / "nat-v4-only.toml")
+    elements = [c["add"]["element"] for c in render_table(dmz) if "element" in c.get("add", {})]
+    assert elements == [{"family": "inet", "table": "dmzctl-natdmz", "name": "protected4",
+                         "elem": [{"prefix": {"addr": "10.60.0.0", "len": 16}},
+                                  {"prefix": {"addr": "10.61.0.0", "len": 24}}]}]
+
+
+def test_domain_marks_ownership_and_listens_on_loopback_only():
+    dmz = load(ROOT / "examples" / "web-and-mail.toml")
+    for vm in dmz.vms:
+        dom = render_domain(dmz, vm, HostFacts())
+        owned = dom.find(f"metadata/{{{NS}}}vm")
+        assert owned.get("dmz") == "pub" and owned.get("hash") == dmz.config_hash
+        for graphics in dom.iter("graphics"):
+            assert graphics.get("listen") == "127.0.0.1"
+            assert [l.get("address") for l in graphics.iter("listen")] == ["127.0.0.1"]
+        nic = dom.find("devices/interface")
+        assert nic.find("filterref").get("filter") == f"dmzctl-pub-{vm.name}"
+        assert nic.find("port").get("isolated") == "yes"
+
+
+@pytest.mark.parametrize("facts, expected", [
+    (HostFacts(kvm_usable=False), "qemu"),
+    (HostFacts(kvm_usable=True), "kvm"),
+    (HostFacts(kvm_usable=True, virt_type_override="qemu"), "qemu"),
+])
+def test_virt_type_follows_host_facts_and_overrides(facts, expected):
+    dmz = load(ROOT / "examples" / "demo.toml")
+    assert render_domain(dmz, dmz.vms[0], facts).get("type") == expected
+
+
+def test_per_vm_virt_type_beats_host():
+    dmz = load(Path(__file__).parent / "configs" / "nat-v4-only.toml")
+    relay = dmz.vm("relay")
+    assert render_domain(dmz, relay, HostFacts(kvm_usable=False)).get("type") == "kvm"
+    assert render_domain(dmz, relay, HostFacts(kvm_usable=False)).find("cpu").get("mode") == "host-passthrough"
+
+
+def test_adapted_base_document_is_kept(tmp_path):
+    base = tmp_path / "domain.xml"
+    base.write_text((ROOT / "xml" / "domain.xml").read_text().replace(
+        "<memballoon model=\"virtio\"/>", "<memballoon model=\"none\"/><rng model=\"virtio\"><backend model=\"random\">/dev/urandom</backend></rng>"))
+    toml = (ROOT / "examples" / "demo.toml").read_text().replace('virt_type = "auto"', f'domain_xml = "{base}"')
+    dmz = parse_dmz(tomllib.loads(toml), Path("/etc/dmzctl/demo.toml"))
+    desired = build(dmz)
+    dom = desired.domains["demo-web"]
+    assert dom.find("devices/rng") is not None and dom.find("devices/memballoon").get("model") == "none"
+    assert dom.find("devices/interface/filterref") is not None
+
+
+def test_vm_filter_holes_follow_from():
+    dmz = load(ROOT / "examples" / "web-and-mail.toml")
+    desired = build(dmz)
+    web = to_string(desired.nwfilters["dmzctl-pub-web-guard4"])
+    mail = to_string(desired.nwfilters["dmzctl-pub-mail-guard4"])
+    assert 'dstipaddr="192.168.1.25"' in mail and 'dstipaddr="192.168.1.25"' not in web
+    assert 'dstipaddr="192.168.1.10"' in web and 'dstipaddr="192.168.1.10"' in mail
