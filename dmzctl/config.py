@@ -604,9 +604,12 @@ def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
         autostart = check.typed(table, "autostart", bool, where, default=True)
         virt_type = check.choice(table, "virt_type", VIRT_TYPES, where, "auto")
 
+        duplicate_name = name in seen["name"]
         for key, value in (("name", name), ("ip", ip), ("ip6", ip6), ("mac", mac)):
             if value is None:
                 continue
+            if key == "mac" and "mac" not in table and duplicate_name:
+                continue  # derived from the duplicate name, which is already reported
             if value in seen[key]:
                 check.problem(f"{where}.{key}", f"{value} is already used by {seen[key][value]}; each VM needs "
                                                 f"its own")

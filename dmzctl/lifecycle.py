@@ -7,6 +7,7 @@ Whatever one run created is undone, newest first, when a later step fails.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import os
 import time
@@ -245,6 +246,12 @@ def _up_nwfilters(virt: Virt, desired: DesiredDMZ, outcome: Outcome, undo: Undo)
         live = virt.nwfilter_xml(name)
         if live is not None and _same_filter(live, element):
             continue
+        if live is not None:
+            # libvirt redefines a filter only under its existing uuid.
+            live_uuid = etree.fromstring(live.encode()).findtext("uuid")
+            element = copy.deepcopy(element)
+            element.find("uuid").text = live_uuid
+            xml = to_string(element)
         virt.define_nwfilter(xml)
         outcome.change(f"nwfilter {name} {'updated' if live else 'defined'}")
         if live is None:

@@ -68,6 +68,21 @@ def schemas():
     return {"network": _schema("network.rng"), "domain": _schema("domain.rng"), "nwfilter": _schema("nwfilter.rng")}
 
 
+def schema_view(kind, element):
+    """libvirt 9.0's nwfilter.rng omits `state` on the IPv6 iptables-layer elements
+    although libvirt's parser accepts and applies it (tests/test_host.py defines the
+    real filters in libvirtd). Validate everything else of those elements."""
+    if kind != "nwfilter":
+        return element
+    import copy
+
+    view = copy.deepcopy(element)
+    for tag in ("tcp-ipv6", "udp-ipv6", "sctp-ipv6", "icmpv6", "all-ipv6"):
+        for node in view.iter(tag):
+            node.attrib.pop("state", None)
+    return view
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 @pytest.mark.parametrize("virt_type", ["qemu", "kvm"])
 def test_valid_against_libvirt_schemas(config, virt_type, schemas):
@@ -76,7 +91,7 @@ def test_valid_against_libvirt_schemas(config, virt_type, schemas):
         [("domain", e) for e in desired.domains.values()]
     for kind, element in documents:
         schema = schemas[kind]
-        assert schema.validate(element), f"{kind} {element.findtext('name') or element.get('name')}: {schema.error_log}"
+        assert schema.validate(schema_view(kind, element)), f"{kind} {element.findtext('name') or element.get('name')}: {schema.error_log}"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -200,7 +215,7 @@ def test_adapted_base_document_is_kept(tmp_path):
 def test_vm_filter_holes_follow_from():
     dmz = load(ROOT / "examples" / "web-and-mail.toml")
     desired = build(dmz)
-    web = to_string(desired.nwfilters["dmzctl-pub-web-guard4"])
-    mail = to_string(desired.nwfilters["dmzctl-pub-mail-guard4"])
+    web = to_string(desired.nwfilters["dmzctl-pub-web-block"])
+    mail = to_string(desired.nwfilters["dmzctl-pub-mail-block"])
     assert 'dstipaddr="192.168.1.25"' in mail and 'dstipaddr="192.168.1.25"' not in web
     assert 'dstipaddr="192.168.1.10"' in web and 'dstipaddr="192.168.1.10"' in mail

@@ -45,11 +45,17 @@ def list_table(name: str) -> Optional[dict]:
     rc, out, _err = _client().cmd(f"list table {FAMILY} {name}")
     if rc != 0:
         return None
-    return json.loads(out)
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        # libnftables 1.0.6 garbles some tables' JSON (e.g. `flags owner`); such a
+        # table exists but cannot be ours as rendered.
+        return {"nftables": [{"unparseable": out}]}
 
 
 def table_exists(name: str) -> bool:
-    return list_table(name) is not None
+    rc, _out, _err = _binding().Nftables().cmd(f"list table {FAMILY} {name}")
+    return rc == 0
 
 
 def owned_tables() -> list[str]:
@@ -73,6 +79,9 @@ def canonical(listing: Optional[dict]) -> Any:
         if "metainfo" in item:
             continue
         (kind, body), = item.items()
+        if not isinstance(body, dict):
+            objects.append({kind: body})
+            continue
         body = {k: v for k, v in body.items() if k not in ("handle", "index")}
         if kind == "rule":
             body["expr"] = [_strip_counter(e) for e in body.get("expr", [])]

@@ -82,7 +82,15 @@ def render_domain(dmz: DMZ, vm: VM, facts: HostFacts = HostFacts(),
     ours = _disks(vm, facts) + [_interface(dmz, vm)] + _graphics(vm)
     for element in reversed(ours):
         devices.insert(0, element)
+    for serial in devices.findall("serial"):
+        if serial.find("log") is None:
+            # virtlogd keeps what the guest printed, for the admin (and the tests) to read.
+            sub(serial, "log", file=serial_log_path(vm), append="off")
     return dom
+
+
+def serial_log_path(vm: VM) -> str:
+    return f"/var/log/libvirt/qemu/{vm.name}-serial.log"
 
 
 def _render_os(dom: etree._Element, vm: VM) -> None:

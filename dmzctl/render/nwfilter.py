@@ -75,45 +75,62 @@ def _rule(parent, action: str, priority: int, direction: str = "out") -> etree._
     return sub(parent, "rule", action=action, direction=direction, priority=str(priority))
 
 
-def _match_hole(rule: etree._Element, hole: Hole) -> None:
-    tag = "ip" if hole.family == 4 else "ipv6"
-    attrs = {"dstipaddr": str(hole.to.network_address), "dstipmask": str(hole.to.prefixlen)}
-    proto = {"icmpv6": "icmpv6"}.get(hole.proto, hole.proto)
-    attrs["protocol"] = proto
-    if hole.ports is not None:
-        attrs["dstportstart"] = str(hole.ports[0])
-        if hole.ports[1] != hole.ports[0]:
-            attrs["dstportend"] = str(hole.ports[1])
-    sub(rule, tag, **attrs)
-
-
-def _guard(name: str, chain: str, priority: str, family: int, dmz: DMZ, vm: VM,
-           rogue_servers: Iterable[dict]) -> etree._Element:
-    tag = "ip" if family == 4 else "ipv6"
+def _rogue_server_guard(name: str, chain: str, priority: str, tag: str, servers: list[dict]) -> etree._Element:
+    """Stateless layer-2 drops: a DMZ VM never answers as a DHCP server or router."""
     guard = etree.Element("filter", name=name, chain=chain, priority=priority)
-    # Never act as a DHCP server / router for the other VMs.
-    for attrs in rogue_servers:
+    for attrs in servers:
         sub(_rule(guard, "drop", 100), tag, **attrs)
-    for hole in holes_for_vm(dmz, vm, family):
-        # return: leave this chain and let the remaining anti-spoofing checks decide.
-        _match_hole(_rule(guard, "return", 200), hole)
-    protected = dmz.protected4 if family == 4 else dmz.protected6
-    for net in protected:
-        sub(_rule(guard, "drop", 300), tag, dstipaddr=str(net.network_address), dstipmask=str(net.prefixlen))
     return guard
+
+
+# iptables-layer element per (family, protocol) for holes.
+HOLE_ELEMENTS = {
+    (4, "tcp"): "tcp", (4, "udp"): "udp", (4, "sctp"): "sctp", (4, "icmp"): "icmp",
+    (6, "tcp"): "tcp-ipv6", (6, "udp"): "udp-ipv6", (6, "sctp"): "sctp-ipv6", (6, "icmpv6"): "icmpv6",
+}
+NEW_FLOWS = "NEW,INVALID"
+
+
+def _protected_block(name: str, dmz: DMZ, vm: VM) -> etree._Element:
+    """The second, independent block of the protected subnets.
+
+    It is stateful (conntrack, through libvirt's iptables layer): a flow the VM
+    starts towards a protected subnet is dropped, while its replies to flows the
+    LAN started pass. A stateless layer-2 drop would cut those replies too.
+    """
+    block = etree.Element("filter", name=name, chain="root")
+    for family in (4, 6):
+        if family == 6 and dmz.gateway6 is None:
+            continue  # layer 2 already drops all IPv6 of a DMZ without it
+        for hole in holes_for_vm(dmz, vm, family):
+            attrs = {"state": "NEW", "dstipaddr": str(hole.to.network_address),
+                     "dstipmask": str(hole.to.prefixlen)}
+            if hole.ports is not None:
+                attrs["dstportstart"] = str(hole.ports[0])
+                if hole.ports[1] != hole.ports[0]:
+                    attrs["dstportend"] = str(hole.ports[1])
+            # accept here means: not blocked by this filter; anti-spoofing still applies.
+            sub(_rule(block, "accept", 200), HOLE_ELEMENTS[(family, hole.proto)], **attrs)
+        protected = dmz.protected4 if family == 4 else dmz.protected6
+        for net in protected:
+            sub(_rule(block, "drop", 300), "all" if family == 4 else "all-ipv6", state=NEW_FLOWS,
+                dstipaddr=str(net.network_address), dstipmask=str(net.prefixlen))
+    return block
 
 
 def render_nwfilters(dmz: DMZ, vm: VM) -> dict[str, etree._Element]:
     """The filters for one VM, referenced filters before those referencing them."""
     top_name = vm_filter_name(dmz, vm)
     filters: dict[str, etree._Element] = {}
-    filters[f"{top_name}-guard4"] = _guard(
-        f"{top_name}-guard4", "ipv4-dmzctl", GUARD4_PRIORITY, 4, dmz, vm,
-        rogue_servers=[{"protocol": "udp", "srcportstart": "67"}])
+    filters[f"{top_name}-guard4"] = _rogue_server_guard(
+        f"{top_name}-guard4", "ipv4-dmzctl", GUARD4_PRIORITY, "ip",
+        [{"protocol": "udp", "srcportstart": "67"}])  # DHCP server
+    filters[f"{top_name}-block"] = _protected_block(f"{top_name}-block", dmz, vm)
 
     top = etree.Element("filter", name=top_name, chain="root")
     sub(top, "filterref", filter=CLEAN_TRAFFIC)
     sub(top, "filterref", filter=f"{top_name}-guard4")
+    sub(top, "filterref", filter=f"{top_name}-block")
 
     if dmz.gateway6 is not None:
         spoof6 = etree.Element("filter", name=f"{top_name}-spoof6", chain="ipv6-dmzspf",
@@ -127,11 +144,11 @@ def render_nwfilters(dmz: DMZ, vm: VM) -> dict[str, etree._Element]:
             sub(_rule(spoof6, "return", 100), "ipv6", srcipaddr=address, srcipmask=mask)
         _rule(spoof6, "drop", 1000)
         filters[f"{top_name}-spoof6"] = spoof6
-        filters[f"{top_name}-guard6"] = _guard(
-            f"{top_name}-guard6", "ipv6-dmzctl", GUARD6_PRIORITY, 6, dmz, vm,
-            rogue_servers=[{"protocol": "icmpv6", "type": "134"},  # router advertisement
-                           {"protocol": "icmpv6", "type": "137"},  # redirect
-                           {"protocol": "udp", "srcportstart": "547"}])  # DHCPv6 server
+        filters[f"{top_name}-guard6"] = _rogue_server_guard(
+            f"{top_name}-guard6", "ipv6-dmzctl", GUARD6_PRIORITY, "ipv6",
+            [{"protocol": "icmpv6", "type": "134"},  # router advertisement
+             {"protocol": "icmpv6", "type": "137"},  # redirect
+             {"protocol": "udp", "srcportstart": "547"}])  # DHCPv6 server
         sub(top, "filterref", filter=f"{top_name}-spoof6")
         sub(top, "filterref", filter=f"{top_name}-guard6")
         sub(_rule(top, "accept", ACCEPT6_PRIORITY), "mac", protocolid="ipv6")

@@ -1,0 +1,216 @@
+"""Lifecycle against the real libvirtd, real nftables and the real tiny guest.
+
+Each test owns a DMZ whose names start with `lc` and removes everything of it
+afterwards, also when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from guest import dmzctl, guest_dir, in_guest, kernel_vm_toml, serial_log, wait_for_serial, wipe
+
+pytestmark = [pytest.mark.host, pytest.mark.guest]
+
+GATEWAY = "10.241.0.1/24"
+GATEWAY6 = "fdd0:241::1/64"
+WEB_IP = "10.241.0.10"
+
+
+def dmz_toml(name: str, vms: str, extra: str = "") -> str:
+    return f"""
+[dmz]
+name = "{name}"
+bridge = "dmz{name}0"
+gateway = "{GATEWAY}"
+gateway6 = "{GATEWAY6}"
+protected = ["10.242.0.0/24", "fdd0:242::/64"]
+{extra}
+{vms}"""
+
+
+@pytest.fixture
+def make_dmz(tmp_path, monkeypatch):
+    """Write a DMZ config; wipe its objects from the host afterwards, whatever happened."""
+    created = []
+    monkeypatch.setenv("DMZCTL_EVENT_LOG", str(tmp_path / "events.log"))
+
+    def make(name: str, vms: list[tuple[str, str]], extra: str = "", **vm_options):
+        guest = guest_dir()
+        tables = "".join(kernel_vm_toml(vm, ip, GATEWAY, guest, **vm_options) for vm, ip in vms)
+        path = tmp_path / f"{name}.toml"
+        path.write_text(dmz_toml(name, tables, extra))
+        created.append((name, [vm for vm, _ in vms]))
+        wipe(name, [vm for vm, _ in vms])
+        return path
+
+    yield make
+    for name, vms in created:
+        dmzctl("down", str(tmp_path / f"{name}.toml"), "--timeout", "0")
+        wipe(name, vms)
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["virsh", "-q", *args], capture_output=True, text=True)
+
+
+def leftovers(dmz: str, vms: list[str]) -> list[str]:
+    found = []
+    for vm in vms:
+        if virsh("dominfo", vm).returncode == 0:
+            found.append(f"domain {vm}")
+    if virsh("net-info", dmz).returncode == 0:
+        found.append(f"network {dmz}")
+    filters = virsh("nwfilter-list").stdout
+    found += [f"nwfilter {line.split()[1]}" for line in filters.splitlines()
+              if len(line.split()) > 1 and line.split()[1].startswith(f"dmzctl-{dmz}-")]
+    if subprocess.run(["nft", "list", "table", "inet", f"dmzctl-{dmz}"], capture_output=True).returncode == 0:
+        found.append(f"nft table dmzctl-{dmz}")
+    return found
+
+
+def test_up_boots_guest_behind_its_firewall_and_twice_is_a_no_op(make_dmz, tmp_path):
+    config = make_dmz("lcup", [("lcup-web", WEB_IP)])
+    result = dmzctl("up", str(config), check=True)
+    assert "firewall table inet dmzctl-lcup applied" in result.stdout
+    wait_for_serial("lcup-web", "DMZGUEST READY")
+
+    # The firewall was in place before the VM started: the event log keeps the order.
+    events = (tmp_path / "events.log").read_text().splitlines()
+    firewall = next(i for i, line in enumerate(events) if "firewall table dmzctl-lcup applied" in line)
+    started = next(i for i, line in enumerate(events) if "vm=lcup-web started" in line)
+    assert firewall < started
+
+    # What the policy allows works: the host reaches the guest, the guest reaches
+    # the gateway's DNS; what it forbids does not: the host's other ports.
+    rc, out = in_guest(WEB_IP, "nslookup dmzctl.invalid 10.241.0.1")
+    assert "NXDOMAIN" in out, out  # an answer from the gateway's dnsmasq, not a timeout
+    rc, out = in_guest(WEB_IP, "nc -w 2 10.241.0.1 22 </dev/null")
+    assert rc != 0, "the guest reached the host's port 22"
+
+    second = dmzctl("up", str(config), check=True)
+    assert second.stdout.strip() == "lcup: up: nothing to change"
+
+
+def test_status_reports_each_state_truthfully(make_dmz):
+    config = make_dmz("lcst", [("lcst-web", "10.241.0.20")])
+    absent = dmzctl("status", str(config), "--json")
+    assert absent.returncode == 1
+    report = json.loads(absent.stdout)[0]
+    assert report["network"] == "absent" and report["firewall"] == "absent" and not report["ok"]
+
+    dmzctl("up", str(config), check=True)
+    up = dmzctl("status", str(config), "--json")
+    assert up.returncode == 0, up.stdout
+    report = json.loads(up.stdout)[0]
+    assert report["ok"] and report["network"] == "active" and report["firewall"] == "in sync"
+    assert report["vms"][0]["state"] == "running" and "10.241.0.20" in report["vms"][0]["addresses"]
+    assert dmzctl("status", str(config)).stdout.startswith("DMZ lcst")
+
+    # One chain flushed behind dmzctl's back: drifted, not "in sync".
+    subprocess.run(["nft", "flush", "chain", "inet", "dmzctl-lcst", "from_dmz"], check=True)
+    drifted = json.loads(dmzctl("status", str(config), "--json").stdout)[0]
+    assert drifted["firewall"] == "drifted" and not drifted["ok"]
+
+    subprocess.run(["nft", "delete", "table", "inet", "dmzctl-lcst"], check=True)
+    gone = dmzctl("status", str(config), "--json")
+    assert gone.returncode == 1 and json.loads(gone.stdout)[0]["firewall"] == "absent"
+
+    dmzctl("up", str(config), check=True)
+    dmzctl("kill", str(config), check=True)
+    killed = json.loads(dmzctl("status", str(config), "--json").stdout)[0]
+    assert killed["vms"][0]["state"] == "shut off" and not killed["ok"]
+
+
+def test_down_powers_off_by_acpi_and_leaves_nothing(make_dmz):
+    config = make_dmz("lcdn", [("lcdn-web", "10.241.0.30")])
+    dmzctl("up", str(config), check=True)
+    wait_for_serial("lcdn-web", "DMZGUEST READY")
+    began = time.monotonic()
+    result = dmzctl("down", str(config), check=True)
+    elapsed = time.monotonic() - began
+    assert "VM lcdn-web powered off" in result.stdout, result.stdout
+    assert elapsed < 20
+    assert "DMZGUEST POWEROFF" in serial_log("lcdn-web").read_text()
+    assert leftovers("lcdn", ["lcdn-web"]) == []
+
+
+def test_guest_ignoring_acpi_is_destroyed_after_its_timeout(make_dmz):
+    config = make_dmz("lcig", [("lcig-web", "10.241.0.40")], extra_cmdline="dmz.acpi=ignore",
+                      shutdown_timeout=3)
+    dmzctl("up", str(config), check=True)
+    wait_for_serial("lcig-web", "DMZGUEST READY")
+    began = time.monotonic()
+    result = dmzctl("down", str(config), check=True)
+    elapsed = time.monotonic() - began
+    assert "did not power off within its timeout: destroyed" in result.stdout, result.stdout
+    assert "DMZGUEST ACPI-IGNORED" in serial_log("lcig-web").read_text()
+    assert 3 <= elapsed < 30
+    assert leftovers("lcig", ["lcig-web"]) == []
+
+
+def test_refused_firewall_means_no_vm_and_nothing_left(make_dmz):
+    config = make_dmz("lcfw", [("lcfw-web", "10.241.0.50")])
+    # A table of the same name owned by another process (nft's "owner" flag):
+    # the kernel refuses dmzctl's transaction with EPERM, a real refusal.
+    holder = subprocess.Popen(["nft", "-i"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        holder.stdin.write("add table inet dmzctl-lcfw { flags owner; }\n")
+        holder.stdin.flush()
+        deadline = time.monotonic() + 10
+        while subprocess.run(["nft", "list", "table", "inet", "dmzctl-lcfw"],
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "could not create the owner table"
+            time.sleep(0.05)
+        result = dmzctl("up", str(config))
+        assert result.returncode == 5, result.stdout + result.stderr
+        assert "nftables refused the firewall batch" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert virsh("dominfo", "lcfw-web").returncode != 0, "a VM was defined without its firewall"
+        assert [x for x in leftovers("lcfw", ["lcfw-web"]) if not x.startswith("nft")] == []
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+
+
+def test_foreign_objects_of_the_same_name_are_refused_and_left_intact(make_dmz, tmp_path):
+    config = make_dmz("lcfo", [("lcfo-web", "10.241.0.60")])
+    foreign = tmp_path / "foreign-net.xml"
+    foreign.write_text("<network><name>lcfo</name><bridge name='lcfoforeign0'/></network>")
+    assert virsh("net-define", str(foreign)).returncode == 0
+    try:
+        result = dmzctl("up", str(config))
+        assert result.returncode == 4, result.stderr
+        assert "network 'lcfo' already exists and is not dmzctl's" in result.stderr
+        assert "lcfoforeign0" in virsh("net-dumpxml", "lcfo").stdout
+        assert virsh("dominfo", "lcfo-web").returncode != 0
+        assert subprocess.run(["nft", "list", "table", "inet", "dmzctl-lcfo"], capture_output=True).returncode != 0
+    finally:
+        virsh("net-undefine", "lcfo")
+
+    domain = tmp_path / "foreign-dom.xml"
+    domain.write_text("<domain type='qemu'><name>lcfo-web</name><memory unit='MiB'>64</memory>"
+                      "<os><type>hvm</type></os></domain>")
+    assert virsh("define", str(domain)).returncode == 0
+    try:
+        result = dmzctl("up", str(config))
+        assert result.returncode == 4, result.stderr
+        assert "domain 'lcfo-web' already exists and is not dmzctl's" in result.stderr
+        assert "<memory unit='KiB'>65536</memory>" in virsh("dumpxml", "lcfo-web").stdout
+        assert virsh("net-info", "lcfo").returncode != 0, "the check must come before any change"
+    finally:
+        virsh("undefine", "lcfo-web")
+
+
+def test_missing_kernel_is_one_line_and_changes_nothing(make_dmz, tmp_path):
+    config = make_dmz("lcmk", [("lcmk-web", "10.241.0.70")])
+    config.write_text(config.read_text().replace(str(guest_dir() / "kernel"), str(tmp_path / "no-kernel")))
+    result = dmzctl("up", str(config))
+    assert result.returncode == 3
+    assert result.stderr.strip() == f"dmzctl: missing file(s): vm[lcmk-web].kernel {tmp_path / 'no-kernel'}"
+    assert leftovers("lcmk", ["lcmk-web"]) == []
