@@ -141,6 +141,28 @@ def preflight(virt: Virt, desired: DesiredDMZ, vm_names: list[str]) -> None:
         raise HostError("missing file(s): " + "; ".join(missing))
 
 
+BRIDGE_NETFILTER = {4: Path("/proc/sys/net/bridge/bridge-nf-call-iptables"),
+                    6: Path("/proc/sys/net/bridge/bridge-nf-call-ip6tables")}
+
+
+def bridge_netfilter_warnings(dmz: DMZ) -> list[str]:
+    """The nwfilter block of protected subnets is iptables-layer: it needs br_netfilter."""
+    families = [4] + ([6] if dmz.gateway6 is not None else [])
+    off = []
+    for family in families:
+        try:
+            enabled = BRIDGE_NETFILTER[family].read_text().strip() == "1"
+        except OSError:
+            enabled = False
+        if not enabled:
+            off.append(BRIDGE_NETFILTER[family].name)
+    if not off:
+        return []
+    return [f"{' and '.join(off)} is off (br_netfilter): the per-VM nwfilter block of the protected subnets "
+            f"cannot see bridged traffic, only the nftables table protects them; enable it with "
+            f"'modprobe br_netfilter' and 'sysctl net.bridge.{off[0]}=1'"]
+
+
 def selected_vms(dmz: DMZ, only: Optional[list[str]]) -> list[str]:
     names = [vm.name for vm in dmz.vms]
     if not only:
@@ -197,6 +219,8 @@ def up(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, restart_changed: 
     desired = build(dmz, host_facts(virt, dmz))
     preflight(virt, desired, vm_names)
     outcome = Outcome(dmz.name, say)
+    for warning in bridge_netfilter_warnings(dmz):
+        say(f"{dmz.name}: WARNING: {warning}")
     undo = Undo(say)
     try:
         _up_network(virt, desired, outcome, undo)

@@ -10,7 +10,7 @@ from .config import DMZ
 from .desired import build
 from .host import nft
 from .host.virt import Virt, digest_of, owner_of
-from .lifecycle import firewall_in_sync, host_facts
+from .lifecycle import bridge_netfilter_warnings, firewall_in_sync, host_facts
 from .render.base import to_string
 
 
@@ -33,6 +33,7 @@ class DMZStatus:
     firewall: str  # in sync | drifted | absent
     vms: list[VMStatus]
     problems: list[str]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -99,7 +100,7 @@ def dmz_status(virt: Virt, dmz: DMZ) -> DMZStatus:
                 status.addresses.append(lease["ipaddr"])
         vms.append(status)
     return DMZStatus(name=dmz.name, config=str(dmz.source), network=network, network_as_configured=network_ok,
-                     firewall=firewall, vms=vms, problems=problems)
+                     firewall=firewall, vms=vms, problems=problems, warnings=bridge_netfilter_warnings(dmz))
 
 
 def format_status(status: DMZStatus) -> str:
@@ -112,6 +113,7 @@ def format_status(status: DMZStatus) -> str:
         lines.append(f"  vm {vm.name:<12} {vm.state}{uptime}{addresses}")
         lines.extend(f"      ! {problem}" for problem in vm.problems)
     lines.extend(f"  ! {problem}" for problem in status.problems)
+    lines.extend(f"  warning: {warning}" for warning in status.warnings)
     return "\n".join(lines)
 
 
