@@ -44,8 +44,8 @@ ip netns exec "$LAN_NS" sh -c '
   ip -6 addr add fdd0:214::10/64 dev lan0 nodad
   ip route add default via 10.214.0.1; ip -6 route add default via fdd0:214::1'
 # A web server and a "DNS server" (TCP 53) on the LAN, for the VM to try.
-ip netns exec "$LAN_NS" busybox httpd -p 80 -h /var/lib/dmzctl/demo &
-ip netns exec "$LAN_NS" busybox nc -ll -p 53 -e /bin/echo dns-answer &
+ip netns exec "$LAN_NS" busybox httpd -p 80 -h /var/lib/dmzctl/demo </dev/null >/dev/null 2>&1 &
+ip netns exec "$LAN_NS" busybox nc -ll -p 53 -e /bin/echo dns-answer </dev/null >/dev/null 2>&1 &
 sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
 
 echo "== dmzctl up $CONFIG"
