@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from dataclasses import dataclass
 
 from lxml import etree
-
-import copy
-import hashlib
 
 from .config import DMZ
 from .render.base import NS, load_base, to_string, xml_dir
@@ -30,8 +29,6 @@ class DesiredDMZ:
 def stamp_digest(element: etree._Element) -> str:
     """Record a digest of the rendered document in its dmzctl metadata, so that a
     later run can tell whether the live object still is what this config renders."""
-
-
     owned = element.find(f"metadata/{{{NS}}}*")
     owned.attrib.pop("digest", None)
     # Only what the document says counts, not which file or which edit of it said so.
