@@ -294,6 +294,221 @@ def firewall_show(configs: ConfigArgs = None) -> None:
     run(action)
 
 
+def _one_dmz(configs):
+    dmzs = load_configs(configs)
+    if len(dmzs) != 1:
+        raise ConfigError([f"{len(dmzs)} DMZs configured ({', '.join(d.name for d in dmzs)}); "
+                           f"give the one config file to use"])
+    return dmzs[0]
+
+
+@app.command()
+def explain(
+    configs: ConfigArgs = None,
+    source: Annotated[str, typer.Option("--from", help="A VM of the DMZ, or an address")] = ...,
+    target: Annotated[str, typer.Option("--to", help="ADDR, ADDR:PORT or [IPv6]:PORT")] = ...,
+    proto: Annotated[Optional[str], typer.Option(
+        "--proto", help="tcp | udp | sctp | icmp | icmpv6 | gre | a number (default: tcp with a port)")] = None,
+    icmp_type: Annotated[Optional[int], typer.Option("--icmp-type", help="ICMP/ICMPv6 type number")] = None,
+    outside: Annotated[bool, typer.Option(
+        "--outside", help="--from is beyond the DMZ (LAN, internet), not a forged source inside it")] = False,
+    host_address: Annotated[Optional[list[str]], typer.Option(
+        "--host-address", help="An address of this host besides the gateways (repeatable)")] = None,
+    no_read_host: Annotated[bool, typer.Option(
+        "--no-read-host", help="Do not read the host's addresses (ip -j addr) and br_netfilter state")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Say whether a flow from the DMZ would be allowed and which rule decides; sends nothing."""
+    from .explain import explain as explain_flow, format_decision, make_flow
+
+    def action():
+        dmz = _one_dmz(configs)
+        flow = make_flow(dmz, source, target, proto, icmp_type, outside)
+        hosts = list(host_address or [])
+        bridge_netfilter = None
+        if not no_read_host:
+            from .verify import read_bridge_netfilter, read_host_addresses
+
+            hosts += [str(a) for a in read_host_addresses()]
+            bridge_netfilter = read_bridge_netfilter()
+        try:
+            decision = explain_flow(dmz, flow, hosts, bridge_netfilter)
+        except ValueError as error:
+            raise ConfigError([f"--host-address: {error}"]) from None
+        if as_json:
+            typer.echo(json.dumps(dict(decision.to_dict(), dmz=dmz.name, flow=flow.describe()), indent=2))
+        else:
+            typer.echo(format_decision(dmz, flow, decision), nl=False)
+
+    run(action)
+
+
+@app.command()
+def verify(
+    configs: ConfigArgs = None,
+    target: Annotated[Optional[list[str]], typer.Option(
+        "--target", help="Also probe ADDR[:PORT] (tcp, default 443, and ICMP echo); the only way to test "
+                         "egress (repeatable)")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option(
+        "--skip", help="Do not probe the host's addresses inside ADDR/PREFIX (repeatable)")] = None,
+    address: Annotated[Optional[str], typer.Option(
+        "--address", help="The probe's IPv4 DMZ address (default: a free one atop the non-DHCP half)")] = None,
+    address6: Annotated[Optional[str], typer.Option("--address6", help="The probe's IPv6 DMZ address")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for each answer")] = 4.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Prove the isolation with real packets from a temporary namespace on the DMZ bridge (exit 0 only
+    when every probe matched the policy)."""
+    from .lifecycle import dmz_lock
+    from .verify import format_report, verify as verify_dmz
+
+    def action():
+        if timeout <= 0 or timeout > 60:
+            raise ConfigError(["--timeout: must be more than 0 and at most 60 seconds"])
+        reports = []
+        for dmz in load_configs(configs):
+            with dmz_lock(dmz.name, say=say):
+                reports.append(verify_dmz(dmz, target or [], skip or [], address=address, address6=address6,
+                                          timeout=timeout, say=(lambda m: None) if as_json else say))
+        if as_json:
+            typer.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+        else:
+            typer.echo("".join(format_report(r) for r in reports), nl=False)
+        if not all(r.ok for r in reports):
+            raise typer.Exit(code=1)
+
+    run(action)
+
+
+# --- boot integration, hooks, drift: plan, check, guard, boot, install (issue 5) ---
+
+@app.command()
+def plan(
+    configs: ConfigArgs = None,
+    vm: VmOpt = None,
+    restart_changed: Annotated[bool, typer.Option(
+        "--restart-changed", help="Plan as for `up --restart-changed`")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    connect: ConnectOpt = None,
+) -> None:
+    """What `up` would change, as a diff (decided as `up` decides it); changes nothing."""
+    from .host.virt import Virt
+    from .plan import compute, format_plan
+
+    def action():
+        dmzs = load_configs(configs)
+        with Virt(resolve_uri(connect)) as virt:
+            plans = [compute(virt, dmz, vm, restart_changed) for dmz in dmzs]
+        if as_json:
+            typer.echo(json.dumps([p.to_dict() for p in plans], indent=2))
+        else:
+            typer.echo("".join(format_plan(p) for p in plans), nl=False)
+
+    run(action)
+
+
+@app.command()
+def check(
+    configs: ConfigArgs = None,
+    fix: Annotated[bool, typer.Option("--fix", help="Re-apply what drifted (as `up`), then check again")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    connect: ConnectOpt = None,
+) -> None:
+    """Compare what is live (network, filters, firewall table, VMs) with the configs: one line per
+    difference, then a one-line summary. Exit 0 in sync, 1 drifted (for cron and monitoring)."""
+    from .check import check_dmz, fix as fix_dmz, format_check, summary
+    from .host.virt import Virt
+
+    def action():
+        dmzs = load_configs(configs)
+        results = []
+        with Virt(resolve_uri(connect)) as virt:
+            for dmz in dmzs:
+                result = check_dmz(virt, dmz)
+                if fix and not result.in_sync:
+                    result = fix_dmz(virt, dmz, result, say=lambda m: typer.echo(m, err=True))
+                results.append(result)
+        line = summary(results, fixed=fix)
+        if as_json:
+            typer.echo(json.dumps({"summary": line, "in_sync": all(r.in_sync for r in results),
+                                   "dmzs": [r.to_dict() for r in results]}, indent=2))
+        else:
+            for result in results:
+                typer.echo(format_check(result))
+            typer.echo(line)
+        if not all(r.in_sync for r in results):
+            raise typer.Exit(code=1)
+
+    run(action)
+
+
+@app.command()
+def guard(
+    configs: ConfigArgs = None,
+    interval: Annotated[float, typer.Option(
+        "--interval", help="Seconds between safety re-checks of every DMZ (events act at once)")] = 60.0,
+    no_libvirt: Annotated[bool, typer.Option("--no-libvirt", help="Do not listen to libvirt events")] = False,
+    connect: ConnectOpt = None,
+) -> None:
+    """Watch nftables (nft monitor) and libvirt events; restore a DMZ's firewall table the moment it is
+    removed or altered. Runs until SIGTERM/SIGINT; SIGHUP re-reads the configs."""
+    from .guard import Guard
+    from .lifecycle import require_root
+
+    def action():
+        require_root()
+        if interval < 1:
+            raise ConfigError(["--interval: must be at least 1 second"])
+        code = Guard(configs, resolve_uri(connect), say, interval, use_libvirt=not no_libvirt).run()
+        raise typer.Exit(code=code)
+
+    run(action)
+
+
+@app.command()
+def boot(
+    configs: ConfigArgs = None,
+    stop: Annotated[bool, typer.Option("--stop", help="Take every DMZ down (the unit's ExecStop)")] = False,
+    connect: ConnectOpt = None,
+) -> None:
+    """What dmzctl.service runs: `up` for every DMZ (each on its own: one failure does not stop the
+    others), or `down` with --stop. No config at all is not an error."""
+    from .boot import boot as boot_all
+
+    def action():
+        code = boot_all(configs, resolve_uri(connect), stop, say)
+        if code:
+            raise typer.Exit(code=code)
+
+    run(action)
+
+
+@app.command()
+def install(
+    systemd: Annotated[Optional[bool], typer.Option(
+        "--systemd/--no-systemd", help="systemd units (default: only when systemd runs this machine)",
+        show_default=False)] = None,
+    hooks: Annotated[bool, typer.Option("--hooks/--no-hooks", help="libvirt qemu and network hooks")] = True,
+    uninstall: Annotated[bool, typer.Option("--uninstall", help="Remove what install put there")] = False,
+    hooks_dir: Annotated[Path, typer.Option("--hooks-dir", help="libvirt's hook directory")] = Path(
+        "/etc/libvirt/hooks"),
+    unit_dir: Annotated[Path, typer.Option("--unit-dir", help="systemd's unit directory")] = Path(
+        "/etc/systemd/system"),
+) -> None:
+    """Install the boot units (dmzctl.service, dmzctl-guard.service) and the libvirt hooks; say what was
+    done and what was skipped."""
+    from .install import install as install_all
+    from .lifecycle import require_root
+
+    def action():
+        if hooks_dir == Path("/etc/libvirt/hooks") or unit_dir == Path("/etc/systemd/system"):
+            require_root()
+        for line in install_all(systemd, hooks, hooks_dir, unit_dir, remove=uninstall).lines:
+            typer.echo(line)
+
+    run(action)
+
+
 def main() -> None:
     # libvirt prints its own errors to stderr unless told otherwise; dmzctl says them once, its way.
     try:

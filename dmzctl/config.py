@@ -405,6 +405,12 @@ def parse_dmz(data: dict, source: Path = Path("<memory>"), config_hash: str = ""
         hole = _parse_hole(check, entry, f"dmz.allow[{index + 1}]", collapsed, gateway, gateway6, vms, declared)
         if hole is not None:
             holes.append(hole)
+    if mode == "isolated":
+        # libvirt's isolated network rejects every packet forwarded out of the DMZ,
+        # after dmzctl's table: a hole would be accepted by one and dropped by the other.
+        for where in dict.fromkeys("dmz.dns" if hole.origin == "dns" else f"dmz.{hole.origin}" for hole in holes):
+            check.problem(where, "mode 'isolated' forwards nothing out of the DMZ, so this hole cannot work; "
+                                 "use mode 'route' or 'nat' (the gateway's own DNS needs no hole)")
 
     if check.problems:
         raise ConfigError(check.problems)

@@ -7,7 +7,6 @@ Whatever one run created is undone, newest first, when a later step fails.
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import os
 import time
@@ -16,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from lxml import etree
-
 from . import events
 from .config import DMZ
 from .desired import DesiredDMZ, build
 from .errors import DmzctlError, HostError, LockedError
 from .host import nft
-from .host.virt import Virt, check_owned, digest_of, domains_of, owner_of
+from .host.virt import Virt, check_owned, domains_of, owner_of
+from .plan import decide_domain, decide_firewall, decide_network, decide_nwfilters, same_filter
 from .render.base import to_string
 from .render.domain import HostFacts
 from .render.nft import apply_batch, delete_batch
@@ -194,13 +192,16 @@ class Undo:
 
 
 def firewall_in_sync(desired: DesiredDMZ) -> bool:
-    live = nft.canonical(nft.list_table(desired.table))
-    if live is None:
-        return False
-    return live == nft.kernel_form(apply_batch(desired.dmz), desired.table)
+    return decide_firewall(desired).in_sync
+
+
+def held_down_marker(name: str) -> Path:
+    """Present while an admin's `firewall down` keeps the table away: `dmzctl guard` leaves it so."""
+    return LOCK_DIR / f"{name}.firewall-down"
 
 
 def apply_firewall(desired: DesiredDMZ, outcome: Outcome, undo: Optional[Undo]) -> None:
+    held_down_marker(desired.dmz.name).unlink(missing_ok=True)
     existed = nft.table_exists(desired.table)
     if existed and firewall_in_sync(desired):
         return
@@ -241,77 +242,62 @@ def up(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, restart_changed: 
 
 def _up_network(virt: Virt, desired: DesiredDMZ, outcome: Outcome, undo: Undo) -> None:
     dmz = desired.dmz
-    xml = to_string(desired.network)
-    want = digest_of(xml)
-    net = virt.network(dmz.name)
-    if net is None:
-        net = virt.define_network(xml)
+    decision = decide_network(virt, desired)  # the decision `dmzctl plan` shows
+    net = decision.net
+    if decision.define == "new":
+        net = virt.define_network(decision.want_xml)
         outcome.change(f"network {dmz.name} defined (bridge {dmz.bridge})")
         undo.add(f"network {dmz.name}", lambda: virt.remove_network(net))
-    elif digest_of(virt.network_xml(net)) != want:
-        virt.define_network(xml)
+    elif decision.define == "update":
+        virt.define_network(decision.want_xml)
         outcome.change(f"network {dmz.name} definition updated")
-        if net.isActive():
+        if decision.pending:
             outcome.pending.append(f"network {dmz.name}: the new definition applies when the network restarts "
                                    f"(dmzctl down, then up)")
-    if not net.isActive():
+    if decision.start:
         was_defined_here = bool(undo.steps)
         virt.start_network(net)
         outcome.change(f"network {dmz.name} started")
         if not was_defined_here:
             undo.add(f"network {dmz.name} start", lambda: net.destroy())
-    elif not net.autostart():
+    elif decision.autostart:
         virt.start_network(net)
 
 
 def _up_nwfilters(virt: Virt, desired: DesiredDMZ, outcome: Outcome, undo: Undo) -> None:
-    for name, element in desired.nwfilters.items():
-        xml = to_string(element)
-        live = virt.nwfilter_xml(name)
-        if live is not None and _same_filter(live, element):
-            continue
-        if live is not None:
-            # libvirt redefines a filter only under its existing uuid.
-            live_uuid = etree.fromstring(live.encode()).findtext("uuid")
-            element = copy.deepcopy(element)
-            element.find("uuid").text = live_uuid
-            xml = to_string(element)
-        virt.define_nwfilter(xml)
-        outcome.change(f"nwfilter {name} {'updated' if live else 'defined'}")
-        if live is None:
+    for decision in decide_nwfilters(virt, desired):
+        name = decision.name
+        virt.define_nwfilter(to_string(decision.element))
+        outcome.change(f"nwfilter {name} {'updated' if decision.live_xml else 'defined'}")
+        if decision.live_xml is None:
             undo.add(f"nwfilter {name}", lambda name=name: virt.undefine_nwfilter(name))
 
 
-def _same_filter(live_xml: str, element: etree._Element) -> bool:
-    """Equal as XML: libvirt writes filters back with other quoting and indentation."""
-    parser = etree.XMLParser(remove_blank_text=True)
-    live = etree.fromstring(live_xml.encode(), parser)
-    wanted = etree.fromstring(etree.tostring(element), parser)
-    return etree.tostring(live, method="c14n") == etree.tostring(wanted, method="c14n")
+_same_filter = same_filter  # the comparison lives with the other decisions (plan.py)
 
 
 def _up_domain(virt: Virt, desired: DesiredDMZ, name: str, restart_changed: bool, outcome: Outcome,
                undo: Undo, say: Say) -> None:
     dmz = desired.dmz
     vm = dmz.vm(name)
-    xml = to_string(desired.domains[name])
-    info = virt.domain_info(name)
-    if info is None:
+    decision = decide_domain(virt, desired, name, restart_changed)  # the decision `dmzctl plan` shows
+    xml = decision.want_xml
+    if decision.define == "new":
         dom = virt.define_domain(xml)
         outcome.change(f"VM {name} defined")
         undo.add(f"VM {name} definition", lambda: virt.undefine_domain(dom))
     else:
         dom = virt.domain(name)
-        if info.digest != digest_of(xml):
+        if decision.define == "update":
             virt.define_domain(xml)
             outcome.change(f"VM {name} definition updated")
-            if info.running and restart_changed:
-                say(f"{dmz.name}: restarting {name} for its new definition")
-                stop_domains(virt, dmz, [name], say=say)
-                info = virt.domain_info(name)
-            elif info.running:
-                outcome.pending.append(f"VM {name}: the new definition applies at its next start "
-                                       f"(dmzctl up --restart-changed)")
+        if decision.restart:
+            say(f"{dmz.name}: restarting {name} for its new definition")
+            for line in stop_domains(virt, dmz, [name], say=say):
+                outcome.change(line)
+        elif decision.outdated:
+            outcome.pending.append(f"VM {name}: the new definition applies at its next start "
+                                   f"(dmzctl up --restart-changed)")
     if bool(dom.autostart()) != vm.autostart:
         virt.set_autostart(dom, vm.autostart)
     if not virt.is_running(dom):
@@ -464,6 +450,8 @@ def firewall_down(virt: Virt, dmz: DMZ, force: bool = False, say: Say = print) -
         raise DmzctlError(f"DMZ {dmz.name}: VMs {', '.join(running)} are running; removing the firewall would "
                           f"leave them unprotected. Stop them first, or use --force")
     table = f"dmzctl-{dmz.name}"
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    held_down_marker(dmz.name).touch()
     if nft.table_exists(table):
         nft.apply(delete_batch(table))
         outcome.change(f"firewall table inet {table} removed")

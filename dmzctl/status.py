@@ -89,7 +89,8 @@ def dmz_status(virt: Virt, dmz: DMZ) -> DMZStatus:
             status.state = info.state
             if not info.running:
                 status.problems.append(f"{info.state}, expected running")
-            if info.digest != digest_of(to_string(desired.domains[vm.name])):
+            want = digest_of(to_string(desired.domains[vm.name]))
+            if info.digest != want or (info.running and info.live_digest != want):
                 status.problems.append("definition differs from the config (dmzctl up --restart-changed)")
             if info.started_at:
                 status.uptime_s = round(time.time() - info.started_at, 1)

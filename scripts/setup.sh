@@ -62,3 +62,10 @@ if ! .venv/bin/python -c 'import dmzctl, typer, pytest' 2>/dev/null \
   touch .venv/.dmzctl-installed
 fi
 log "ready: $(virsh -c qemu:///system version --daemon 2>/dev/null | tail -n 2 | head -n 1 | sed 's/^ *//')"
+
+# Boot integration where systemd runs the machine (this sandbox has none: skipped).
+# The libvirt hooks are left to `dmzctl install --hooks`: they need a libvirtd restart.
+if [ -d /run/systemd/system ]; then
+  log "installing dmzctl's systemd units"
+  .venv/bin/dmzctl install --systemd --no-hooks >&2
+fi

@@ -189,6 +189,10 @@ CASES = [
     case("type-autostart", [S("vm[0].autostart", "yes")], "vm[web].autostart", "must be true or false"),
     # --- choices
     case("mode-choice", [S("dmz.mode", "bridge")], "dmz.mode", "must be one of route, nat, isolated; got 'bridge'"),
+    case("isolated-dns-hole", [S("dmz.mode", "isolated")], "dmz.dns",
+         "mode 'isolated' forwards nothing out of the DMZ, so this hole cannot work", count=4),
+    case("isolated-allow-hole", [S("dmz.mode", "isolated"), D("dmz.dns")], "dmz.allow[1]",
+         "use mode 'route' or 'nat'", count=3),
     case("egress-choice", [S("dmz.egress", "some")], "dmz.egress", "must be one of any, none; got 'some'"),
     case("proto-choice", [S("dmz.allow[0].proto", "tpc")], "dmz.allow[1].proto",
          "must be one of tcp, udp, icmp, icmpv6, sctp; got 'tpc'"),

@@ -256,6 +256,22 @@ def test_the_dns_hole_passes_and_nothing_broader(world):
     assert counters(LAN_NS)["tcp53"] == 1
 
 
+def test_the_guest_reaches_the_wan_over_ipv6_with_its_own_sources(world):
+    """With egress "any": the static address and the SLAAC one (from libvirt's RAs) both pass."""
+    deadline = time.monotonic() + 20
+    slaac = []
+    while not slaac and time.monotonic() < deadline:  # the RA comes a few seconds after boot
+        _rc, addresses = in_guest(VM_IP, "ip -6 addr show dev eth0 scope global")
+        slaac = [line.split()[1].split("/")[0] for line in addresses.splitlines()
+                 if "inet6" in line and VM_IP6 not in line]
+        time.sleep(0.5)
+    assert slaac, f"no SLAAC address from libvirt's router advertisements: {addresses}"
+    assert guest_ok(f"ping6 -c 1 -W 2 {WAN_HOST6}"), addresses
+    assert guest_ok(f"ping6 -c 1 -W 2 -I {VM_IP6} {WAN_HOST6}")
+    for address in slaac:
+        assert guest_ok(f"ping6 -c 1 -W 2 -I {address} {WAN_HOST6}"), f"SLAAC source {address} dropped"
+
+
 def test_forged_source_addresses_never_leave_the_dmz(world):
     reset_counters(WAN_NS)
     assert guest_ok(f"ping -c 1 -W 2 {WAN_HOST}"), "egress any: the genuine address must reach the wan"

@@ -214,3 +214,69 @@ def test_missing_kernel_is_one_line_and_changes_nothing(make_dmz, tmp_path):
     assert result.returncode == 3
     assert result.stderr.strip() == f"dmzctl: missing file(s): vm[lcmk-web].kernel {tmp_path / 'no-kernel'}"
     assert leftovers("lcmk", ["lcmk-web"]) == []
+
+
+def test_changed_vm_is_pending_until_restart_changed(make_dmz):
+    config = make_dmz("lcch", [("lcch-web", "10.241.0.80")])
+    dmzctl("up", str(config), check=True)
+    wait_for_serial("lcch-web", "DMZGUEST READY")
+    config.write_text(config.read_text().replace('memory = "128MiB"', 'memory = "144MiB"'))
+
+    pending = dmzctl("up", str(config), check=True)
+    assert "VM lcch-web definition updated" in pending.stdout
+    assert "PENDING: VM lcch-web" in pending.stdout
+    assert "<currentMemory unit='KiB'>131072</currentMemory>" in virsh("dumpxml", "lcch-web").stdout
+    status = json.loads(dmzctl("status", str(config), "--json").stdout)[0]
+    assert not status["ok"] and "definition differs" in status["vms"][0]["problems"][0]
+
+    restarted = dmzctl("up", str(config), "--restart-changed", check=True)
+    assert "VM lcch-web powered off" in restarted.stdout and "VM lcch-web started" in restarted.stdout
+    assert "<currentMemory unit='KiB'>147456</currentMemory>" in virsh("dumpxml", "lcch-web").stdout
+    assert dmzctl("status", str(config)).returncode == 0
+
+
+def test_firewall_down_refuses_while_vms_run_and_restart_keeps_the_firewall(make_dmz):
+    config = make_dmz("lcfd", [("lcfd-web", "10.241.0.90")])
+    dmzctl("up", str(config), check=True)
+    refused = dmzctl("firewall", "down", str(config))
+    assert refused.returncode == 1
+    assert "lcfd-web are running; removing the firewall would leave them unprotected" in refused.stderr
+    assert subprocess.run(["nft", "list", "table", "inet", "dmzctl-lcfd"], capture_output=True).returncode == 0
+
+    wait_for_serial("lcfd-web", "DMZGUEST READY")
+    restarted = dmzctl("restart", str(config), check=True)
+    assert "VM lcfd-web powered off" in restarted.stdout and "VM lcfd-web started" in restarted.stdout
+    assert "firewall" not in restarted.stdout  # the table stayed as it was
+    assert dmzctl("status", str(config)).returncode == 0
+
+    forced = dmzctl("firewall", "down", str(config), "--force", check=True)
+    assert "no longer protected" in forced.stderr
+    assert subprocess.run(["nft", "list", "table", "inet", "dmzctl-lcfd"], capture_output=True).returncode != 0
+    assert "table inet dmzctl-lcfd" in dmzctl("firewall", "up", str(config), check=True).stdout
+    assert dmzctl("firewall", "show", str(config), check=True).stdout.startswith("table inet dmzctl-lcfd")
+
+
+def test_two_runs_on_one_dmz_do_not_interleave(make_dmz, tmp_path, monkeypatch):
+    import threading
+
+    from dmzctl.lifecycle import dmz_lock
+
+    config = make_dmz("lclk", [])
+    monkeypatch.setenv("DMZCTL_RUN_DIR", str(tmp_path / "run"))
+    import dmzctl.lifecycle as lifecycle
+
+    monkeypatch.setattr(lifecycle, "LOCK_DIR", tmp_path / "run")
+    released = threading.Event()
+
+    def hold():
+        with dmz_lock("lclk"):
+            time.sleep(2)
+        released.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.3)
+    result = dmzctl("up", str(config), env={"DMZCTL_RUN_DIR": str(tmp_path / "run")}, check=True)
+    holder.join()
+    assert "lclk: waiting for another dmzctl run on this DMZ" in result.stdout
+    assert released.is_set()

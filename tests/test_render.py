@@ -131,7 +131,9 @@ def test_input_order_is_the_contract():
     dmz = load(ROOT / "examples" / "demo.toml")
     order = comments(render_table(dmz), "to_host")
     assert order.index("IPv4 source outside the DMZ subnet") < order.index("hole dns") \
-        < order.index("DHCP to the gateway") < order.index("IPv6 neighbour discovery")
+        < order.index("DHCP to the gateway") < order.index("DNS to the gateway (IPv6)") \
+        < order.index("IPv6 neighbour discovery")
+    assert comments(render_table(dmz), "from_dmz")[0] == "VM to VM within the DMZ"
     assert order[-1] == "everything else to the host"
 
 
@@ -139,7 +141,7 @@ def test_egress_none_is_last_and_isolation_present():
     dmz = load(Path(__file__).parent / "configs" / "nat-v4-only.toml")
     order = comments(render_table(dmz), "from_dmz")
     assert order[-1] == "egress none"
-    assert "VM to VM through the host (isolate_vms)" in order
+    assert order[0] == "VM to VM (isolate_vms)"
     assert order.index("the DMZ has no IPv6") < order.index("to protected IPv4")
 
 
@@ -219,3 +221,16 @@ def test_vm_filter_holes_follow_from():
     mail = to_string(desired.nwfilters["dmzctl-pub-mail-block"])
     assert 'dstipaddr="192.168.1.25"' in mail and 'dstipaddr="192.168.1.25"' not in web
     assert 'dstipaddr="192.168.1.10"' in web and 'dstipaddr="192.168.1.10"' in mail
+
+
+def test_slaac_address_is_modified_eui64():
+    import ipaddress
+
+    from dmzctl.render.nwfilter import slaac_address
+
+    # Seen on the test guest: MAC 52:54:00:e5:72:4a took this address from libvirt's RAs.
+    assert str(slaac_address("52:54:00:e5:72:4a", ipaddress.ip_network("fdd0:251::/64"))) == \
+        "fdd0:251::5054:ff:fee5:724a"
+    dmz = load(ROOT / "examples" / "demo.toml")
+    spoof6 = to_string(build(dmz).nwfilters["dmzctl-demo-demo-web-spoof6"])
+    assert 'srcipaddr="fdd0:213::10"' in spoof6 and "fdd0:213::5054:ff:fe" in spoof6

@@ -93,7 +93,8 @@ class DomainInfo:
     state: str
     running: bool
     owner: Optional[str]
-    digest: Optional[str]
+    digest: Optional[str]  # of the definition (what the next start runs)
+    live_digest: Optional[str]  # of what runs now; None when not running
     autostart: bool
     started_at: Optional[float]
 
@@ -264,10 +265,11 @@ class Virt:
             state, _reason = dom.state()
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isPersistent() else dom.XMLDesc(0)
             autostart = bool(dom.autostart()) if dom.isPersistent() else False
-        running = state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED,
-                            libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_SHUTDOWN)
+            running = state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED,
+                                libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_SHUTDOWN)
+            live_digest = digest_of(dom.XMLDesc(0)) if running else None
         return DomainInfo(name=name, state=state_name(state), running=running, owner=owner_of(xml),
-                          digest=digest_of(xml), autostart=autostart,
+                          digest=digest_of(xml), live_digest=live_digest, autostart=autostart,
                           started_at=self._started_at(name) if running else None)
 
     @staticmethod

@@ -5,16 +5,19 @@ Chain order is the contract (tests check it):
 
   forward (hook)  1 established/related accepted
                   2 from the DMZ bridge -> from_dmz
-  from_dmz        3 source outside the DMZ subnet -> spoofed (log, drop)
-                  4 holes accepted
-                  5 VM to VM through the host dropped (isolate_vms)
+  from_dmz        3 back into the DMZ (VM to VM, switched with br_netfilter or routed
+                    by the host): accepted, or -> vm_to_vm when isolate_vms
+                  4 source outside the DMZ subnet -> spoofed (log, drop)
+                  5 holes accepted
                   6 to protected -> protected (rate limit, log, drop), every protocol
                   7 anything else dropped when egress = "none"
   input (hook)    1 established/related accepted
                   2 from the DMZ bridge -> to_host
   to_host         3 source outside the DMZ subnet -> spoofed
                   4 holes accepted (a protected address may be the host's own)
-                  5 DHCP/DNS to the gateway (dhcp on), neighbour discovery (IPv6 on)
+                  5 DHCP/DNS to the gateway (dhcp on; DNS also on the IPv6 gateway and the
+                    bridge's link-local address, which libvirt's router advertisements name),
+                    neighbour discovery (IPv6 on)
                   6 everything else -> host (rate limit, log, drop)
 """
 
@@ -175,13 +178,18 @@ def render_table(dmz: DMZ) -> list[Command]:
     commands += [_chain(dmz, "forward", "forward"), _chain(dmz, "from_dmz")]
     commands.append(_rule(dmz, "forward", [established, _verdict("accept")], "replies to allowed flows"))
     commands.append(_rule(dmz, "forward", [from_bridge, _verdict("jump", "from_dmz")], "from the DMZ"))
+    # First: with br_netfilter the forward hook also sees frames switched between
+    # VMs (IPv6 link-local included), which neither spoofing nor egress concerns.
+    if dmz.isolate_vms:
+        commands.append(_rule(dmz, "from_dmz", [_match(_meta("oifname"), bridge), _verdict("jump", "vm_to_vm")],
+                              "VM to VM (isolate_vms)"))
+    else:
+        commands.append(_rule(dmz, "from_dmz", [_match(_meta("oifname"), bridge), _verdict("accept")],
+                              "VM to VM within the DMZ"))
     commands += _source_checks(dmz, "from_dmz", allow_unspecified=False)
     for hole in dmz.holes:
         commands.append(_rule(dmz, "from_dmz", _hole_exprs(dmz, hole) + [_counter(), _verdict("accept")],
                               f"hole {hole.origin}"))
-    if dmz.isolate_vms:
-        commands.append(_rule(dmz, "from_dmz", [_match(_meta("oifname"), bridge), _verdict("jump", "vm_to_vm")],
-                              "VM to VM through the host (isolate_vms)"))
     commands.append(_rule(dmz, "from_dmz", [_match(_payload("ip", "daddr"), "@protected4"),
                                             _verdict("jump", "protected")], "to protected IPv4"))
     commands.append(_rule(dmz, "from_dmz", [_match(_payload("ip6", "daddr"), "@protected6"),
@@ -206,6 +214,12 @@ def render_table(dmz: DMZ) -> list[Command]:
             _match(_payload("ip", "daddr"), str(dmz.gateway.ip)),
             _match(_meta("l4proto"), {"set": ["tcp", "udp"]}), _match(_payload("th", "dport"), 53),
             _verdict("accept")], "DNS to the gateway"))
+        if dmz.gateway6 is not None:
+            commands.append(_rule(dmz, "to_host", [
+                _match(_payload("ip6", "daddr"),
+                       {"set": [str(dmz.gateway6.ip), {"prefix": {"addr": "fe80::", "len": 10}}]}),
+                _match(_meta("l4proto"), {"set": ["tcp", "udp"]}), _match(_payload("th", "dport"), 53),
+                _verdict("accept")], "DNS to the gateway (IPv6)"))
     if dmz.gateway6 is not None:
         commands.append(_rule(dmz, "to_host", [
             _match(_meta("l4proto"), "ipv6-icmp"),

@@ -13,6 +13,7 @@ Per VM:
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Iterable
 
 from lxml import etree
@@ -39,6 +40,14 @@ def vm_filter_parameters(dmz: DMZ, vm: VM) -> list[tuple[str, str]]:
     if vm.ip is not None:
         return [("IP", str(vm.ip))]
     return [("CTRL_IP_LEARNING", "dhcp"), ("DHCPSERVER", str(dmz.gateway.ip))]
+
+
+def slaac_address(mac: str, prefix: ipaddress.IPv6Network) -> ipaddress.IPv6Address:
+    """The modified EUI-64 address SLAAC forms from a MAC in a /64 (RFC 4291 appendix A)."""
+    octets = [int(part, 16) for part in mac.split(":")]
+    octets[0] ^= 0x02
+    interface_id = bytes(octets[:3] + [0xFF, 0xFE] + octets[3:])
+    return ipaddress.IPv6Address(prefix.network_address.packed[:8] + interface_id)
 
 
 def holes_for_vm(dmz: DMZ, vm: VM, family: int) -> list[Hole]:
@@ -138,6 +147,9 @@ def render_nwfilters(dmz: DMZ, vm: VM) -> dict[str, etree._Element]:
         allowed = [("fe80::", "10"), ("::", "128")]  # neighbour discovery, duplicate address detection
         if vm.ip6 is not None:
             allowed.append((str(vm.ip6), "128"))
+            # libvirt's router advertisements also give the VM its SLAAC address, which
+            # Linux then prefers as source: bind that one too (derived from the MAC).
+            allowed.append((str(slaac_address(vm.mac, dmz.subnet6)), "128"))
         else:
             allowed.append((str(dmz.subnet6.network_address), str(dmz.subnet6.prefixlen)))
         for address, mask in allowed:

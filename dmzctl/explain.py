@@ -1,0 +1,519 @@
+"""`dmzctl explain`: which rule of a DMZ's policy decides a flow, without sending anything.
+
+Pure: it works from the validated config (the DMZ the nft table is rendered from)
+plus what the caller says about the host (its addresses, whether br_netfilter
+passes bridged frames to the IP hooks). It walks the chains in exactly the order
+dmzctl/render/nft.py renders them:
+
+  forward  1 established/related          (not applicable: explain looks at new flows)
+           2 from the DMZ bridge -> from_dmz
+  from_dmz 3 back into the DMZ (VM to VM): accepted, or -> vm_to_vm (isolate_vms)
+           4 source outside the DMZ subnet -> spoofed
+           5 holes, in config order
+           6 to protected -> protected
+           7 egress = "none" -> egress
+           otherwise the chain's policy accepts (egress = "any")
+  input    1 established/related          (not applicable)
+           2 from the DMZ bridge -> to_host
+  to_host  3 source outside the DMZ subnet (link-local/unspecified allowed) -> spoofed
+           4 holes
+           5 DHCP/DNS to the gateway (dhcp on; DNS also to the IPv6 gateway and
+             link-local), IPv6 neighbour discovery
+           6 everything else -> host
+
+After dmzctl's table, libvirt's own rules still see forwarded packets: an
+isolated network rejects every forwarded packet, a NAT network lets only replies
+into the DMZ. explain says so when it changes the answer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional, Union
+
+from .config import DMZ, Hole
+from .errors import DmzctlError
+from .render.nft import log_prefix
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51, "icmpv6": 58, "sctp": 132}
+PROTO_NAMES = {number: name for name, number in PROTO_NUMBERS.items()}
+PORT_PROTOS = ("tcp", "udp", "sctp")
+ND_TYPES = {133: "nd-router-solicit", 135: "nd-neighbor-solicit", 136: "nd-neighbor-advert"}
+
+LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
+UNSPECIFIED4 = ipaddress.ip_address("0.0.0.0")
+UNSPECIFIED6 = ipaddress.ip_address("::")
+BROADCAST4 = ipaddress.ip_address("255.255.255.255")
+
+
+# The kinds of rule in each chain, in the order render/nft.py emits them; explain walks them in this
+# order, and tests/test_explain.py checks it against every rendered table.
+ORDER = {
+    "forward": ("established", "from-dmz"),
+    "input": ("established", "from-dmz"),
+    "from_dmz": ("within-dmz", "vm-to-vm", "spoofed", "hole", "protected", "egress"),
+    "to_host": ("spoofed", "hole", "dhcp", "dns", "dns6", "nd", "host"),
+}
+
+
+def rule_kind(comment: str) -> str:
+    """The kind of a rendered rule, from its comment (what `nft list table` shows)."""
+    fixed = {
+        "replies to allowed flows": "established", "from the DMZ": "from-dmz",
+        "IPv4 source outside the DMZ subnet": "spoofed", "IPv6 source outside the DMZ subnet": "spoofed",
+        "the DMZ has no IPv6": "spoofed", "VM to VM (isolate_vms)": "vm-to-vm",
+        "VM to VM within the DMZ": "within-dmz", "DNS to the gateway (IPv6)": "dns6",
+        "to protected IPv4": "protected", "to protected IPv6": "protected", "egress none": "egress",
+        "DHCP to the gateway": "dhcp", "DNS to the gateway": "dns", "IPv6 neighbour discovery": "nd",
+        "everything else to the host": "host",
+    }
+    if comment.startswith("hole "):
+        return "hole"
+    return fixed.get(comment, f"unknown: {comment}")
+
+
+class ExplainError(DmzctlError):
+    """A flow explain cannot read (bad address, port, protocol, unknown VM)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A new flow (its first packet) to judge.
+
+    src None means "the VM's DHCP address": some address inside the DMZ subnet.
+    from_dmz False means the packet does not enter from the DMZ bridge (a LAN
+    host, the internet): dmzctl's from-DMZ rules do not apply to it.
+    via_host True means a VM-to-VM packet sent to the gateway's MAC (routed by
+    the host) rather than switched on the bridge.
+    """
+
+    dst: IPAddress
+    proto: str
+    src: Optional[IPAddress] = None
+    port: Optional[int] = None
+    icmp_type: Optional[int] = None
+    vm: Optional[str] = None
+    from_dmz: bool = True
+    via_host: bool = False
+
+    @property
+    def family(self) -> int:
+        return self.dst.version
+
+    def describe(self) -> str:
+        source = str(self.src) if self.src is not None else "a DHCP address"
+        if self.vm:
+            source = f"{self.vm} ({source})"
+        target = f"[{self.dst}]" if self.family == 6 and self.port is not None else str(self.dst)
+        if self.port is not None:
+            target += f":{self.port}"
+        proto = self.proto
+        if self.icmp_type is not None:
+            proto += f" type {self.icmp_type}"
+        return f"{source} -> {target} {proto}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    decided_by: str   # hole | protected | host | egress | egress-any | spoofed | vm-to-vm | dhcp | dns | nd |
+    #                   not-from-dmz | libvirt-isolated | libvirt-nat | port-isolation | layer2
+    rule: str         # the nft rule comment (grep `nft list table`), or what else decides
+    chain: Optional[str]
+    hook: Optional[str]  # forward | input | None (never reaches dmzctl's table)
+    reason: str
+    origin: Optional[str] = None       # the hole's origin (dns, allow[N]) when a hole decides
+    log_prefix: Optional[str] = None   # the kernel log prefix of a logged drop
+    trace: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def verdict(self) -> str:
+        return "allowed" if self.allowed else "blocked"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["verdict"] = self.verdict
+        data["trace"] = list(self.trace)
+        data["notes"] = list(self.notes)
+        return data
+
+
+# --- reading a flow from the command line -----------------------------------
+
+def parse_proto(text: str) -> str:
+    """A protocol name nft knows, or a number 0-255 (named when it has a name here)."""
+    value = text.strip().lower()
+    if value in ("ipv6-icmp", "icmp6"):
+        value = "icmpv6"
+    if value in PROTO_NUMBERS:
+        return value
+    if re.fullmatch(r"[0-9]{1,3}", value) and int(value) <= 255:
+        return PROTO_NAMES.get(int(value), value)
+    raise ExplainError(f"--proto: {text!r} is not a protocol; use tcp, udp, sctp, icmp, icmpv6, gre, esp, ah "
+                       f"or a number 0-255")
+
+
+def parse_target(text: str) -> tuple[IPAddress, Optional[int]]:
+    """ADDR, ADDR:PORT (IPv4), [ADDR]:PORT or a bare ADDR (IPv6)."""
+    value = text.strip()
+    port_text = None
+    match = re.fullmatch(r"\[([^\]]+)\](?::([0-9]+))?", value)
+    if match:
+        address_text, port_text = match.groups()
+    elif value.count(":") == 1:
+        address_text, port_text = value.split(":")
+    else:
+        address_text = value
+    try:
+        address = ipaddress.ip_address(address_text)
+    except ValueError:
+        raise ExplainError(f"--to: {text!r} is not ADDR, ADDR:PORT or [IPv6]:PORT") from None
+    port = None
+    if port_text is not None:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ExplainError(f"--to: port {port_text!r} is not 1-65535")
+        port = int(port_text)
+    return address, port
+
+
+def make_flow(dmz: DMZ, source: str, target: str, proto: Optional[str] = None,
+              icmp_type: Optional[int] = None, outside: bool = False) -> Flow:
+    """The flow `--from SOURCE --to TARGET --proto P` describes.
+
+    SOURCE is a VM of the DMZ or an address. An address outside the DMZ subnet is
+    taken as a forged source sent from inside the DMZ, unless `outside` says the
+    packet comes from elsewhere (a LAN host, the internet).
+    """
+    dst, port = parse_target(target)
+    name = parse_proto(proto) if proto else ("tcp" if port is not None else None)
+    if name is None:
+        raise ExplainError("--proto is needed when --to has no port (tcp, udp, icmp, ...)")
+    if name == "icmp" and dst.version == 6:
+        name = "icmpv6"
+    if name == "icmpv6" and dst.version == 4:
+        raise ExplainError(f"--proto icmpv6 does not go to the IPv4 address {dst}; use icmp")
+    if port is not None and name not in PORT_PROTOS:
+        raise ExplainError(f"--to: {name} has no ports; drop ':{port}'")
+    if icmp_type is not None and name not in ("icmp", "icmpv6"):
+        raise ExplainError("--icmp-type goes with --proto icmp or icmpv6")
+    if icmp_type is not None and not 0 <= icmp_type <= 255:
+        raise ExplainError(f"--icmp-type {icmp_type} is not 0-255")
+    vm_names = {vm.name: vm for vm in dmz.vms}
+    if source in vm_names:
+        if outside:
+            raise ExplainError(f"--from {source} is a VM of the DMZ; --outside is for sources beyond it")
+        vm = vm_names[source]
+        src = vm.ip if dst.version == 4 else vm.ip6
+        if src is None and dst.version == 6 and dmz.gateway6 is None:
+            raise ExplainError(f"DMZ {dmz.name} has no IPv6; {source} cannot send to {dst}")
+        return Flow(dst=dst, proto=name, src=src, port=port, icmp_type=icmp_type, vm=source)
+    try:
+        src = ipaddress.ip_address(source.strip())
+    except ValueError:
+        names = ", ".join(vm_names) or "none"
+        raise ExplainError(f"--from: {source!r} is neither a VM of DMZ {dmz.name} (its VMs: {names}) "
+                           f"nor an address") from None
+    if src.version != dst.version:
+        raise ExplainError(f"--from {src} and --to {dst} are of different IP versions")
+    return Flow(dst=dst, proto=name, src=src, port=port, icmp_type=icmp_type, from_dmz=not outside)
+
+
+# --- the policy ------------------------------------------------------------
+
+def host_address_set(dmz: DMZ, extra: Iterable = ()) -> frozenset:
+    """The gateway(s) always, plus what the caller knows the host owns."""
+    addresses = {dmz.gateway.ip}
+    if dmz.gateway6 is not None:
+        addresses.add(dmz.gateway6.ip)
+    for item in extra:
+        addresses.add(ipaddress.ip_address(str(item).split("/")[0]))
+    return frozenset(addresses)
+
+
+def _nft_proto(proto: str) -> str:
+    return "ipv6-icmp" if proto == "icmpv6" else proto
+
+
+def _hole_matches(dmz: DMZ, hole: Hole, flow: Flow) -> tuple[bool, str]:
+    """Does the hole's rule (as rendered by _hole_exprs) match the flow's first packet?"""
+    if hole.family != flow.family:
+        return False, f"IPv{hole.family} only"
+    if hole.source_vm is not None:
+        vm = dmz.vm(hole.source_vm)
+        own = vm.ip if hole.family == 4 else vm.ip6
+        if flow.src != own:
+            return False, f"only from {hole.source_vm} ({own})"
+    elif hole.source_net is not None:
+        if flow.src is None:
+            return False, f"only from {hole.source_net}, and a DHCP address may lie outside it"
+        if flow.src not in hole.source_net:
+            return False, f"only from {hole.source_net}"
+    if flow.dst not in hole.to:
+        return False, f"only to {hole.to}"
+    if _nft_proto(flow.proto) != _nft_proto(hole.proto):
+        return False, f"only {hole.proto}"
+    if hole.ports is not None:
+        span = str(hole.ports[0]) if hole.ports[0] == hole.ports[1] else f"{hole.ports[0]}-{hole.ports[1]}"
+        if flow.port is None:
+            return False, f"only port {span} (give --to ADDR:PORT)"
+        if not hole.ports[0] <= flow.port <= hole.ports[1]:
+            return False, f"only port {span}"
+    return True, "matches"
+
+
+def _hole_text(hole: Hole) -> str:
+    text = f"{hole.proto} to {hole.to}"
+    if hole.ports is not None:
+        text += f" port {hole.ports[0]}" if hole.ports[0] == hole.ports[1] else f" ports {hole.ports[0]}-{hole.ports[1]}"
+    if hole.source_vm:
+        text += f" from {hole.source_vm}"
+    elif hole.source_net:
+        text += f" from {hole.source_net}"
+    return text
+
+
+class _Walk:
+    """Collects the trace while walking one chain."""
+
+    def __init__(self, dmz: DMZ, flow: Flow, hook: str):
+        self.dmz = dmz
+        self.flow = flow
+        self.hook = hook
+        self.trace: list[str] = [
+            f"{hook} 1 established/related: not applicable (a new flow; replies to an allowed flow are accepted)",
+            f"{hook} 2 enters from the DMZ bridge {dmz.bridge}: jump "
+            f"{'from_dmz' if hook == 'forward' else 'to_host'}",
+        ]
+        self.notes: list[str] = []
+
+    def decide(self, allowed: bool, decided_by: str, rule: str, chain: str, reason: str,
+               origin: Optional[str] = None, log_reason: Optional[str] = None) -> Decision:
+        return Decision(allowed=allowed, decided_by=decided_by, rule=rule, chain=chain, hook=self.hook,
+                        reason=reason, origin=origin,
+                        log_prefix=log_prefix(self.dmz, log_reason) if log_reason else None,
+                        trace=tuple(self.trace), notes=tuple(self.notes))
+
+    def spoofed(self, chain: str, step: int, allow_unspecified: bool) -> Optional[Decision]:
+        dmz, flow = self.dmz, self.flow
+        if flow.family == 6 and dmz.subnet6 is None:
+            self.trace.append(f"{chain} {step} the DMZ has no IPv6: jump spoofed")
+            return self.decide(False, "spoofed", "the DMZ has no IPv6", "spoofed",
+                               f"DMZ {dmz.name} has no IPv6 (no dmz.gateway6): every IPv6 packet from it is "
+                               f"dropped as spoofed", log_reason="spoofed")
+        if flow.src is None:
+            self.trace.append(f"{chain} {step} source: the VM's DHCP address, inside the DMZ subnet: pass")
+            return None
+        allowed_nets = [dmz.subnet if flow.family == 4 else dmz.subnet6]
+        if allow_unspecified:
+            allowed_nets += [ipaddress.ip_network(UNSPECIFIED4)] if flow.family == 4 else \
+                [LINK_LOCAL6, ipaddress.ip_network(UNSPECIFIED6)]
+        if any(flow.src in net for net in allowed_nets):
+            self.trace.append(f"{chain} {step} source {flow.src} inside "
+                              f"{', '.join(str(n) for n in allowed_nets)}: pass")
+            return None
+        self.trace.append(f"{chain} {step} source {flow.src} outside "
+                          f"{', '.join(str(n) for n in allowed_nets)}: jump spoofed")
+        return self.decide(False, "spoofed", f"IPv{flow.family} source outside the DMZ subnet", "spoofed",
+                           f"source {flow.src} is not a DMZ address: anti-spoofing drops it before any hole "
+                           f"is looked at", log_reason="spoofed")
+
+    def holes(self, chain: str, step: int) -> Optional[Decision]:
+        for hole in self.dmz.holes:
+            matched, why = _hole_matches(self.dmz, hole, self.flow)
+            if matched:
+                self.trace.append(f"{chain} {step} hole {hole.origin} ({_hole_text(hole)}): matches: accept")
+                return self.decide(True, "hole", f"hole {hole.origin}", chain,
+                                   f"hole {hole.origin} ({_hole_text(hole)}) accepts it", origin=hole.origin)
+            if hole.family == self.flow.family and self.flow.dst in hole.to:
+                # Only holes to this destination are worth a line: they show what is not broader.
+                self.trace.append(f"{chain} {step} hole {hole.origin} ({_hole_text(hole)}): no, {why}")
+        if not any(h.family == self.flow.family and self.flow.dst in h.to for h in self.dmz.holes):
+            self.trace.append(f"{chain} {step} holes: none to {self.flow.dst}")
+        return None
+
+
+def _in_dmz_subnet(dmz: DMZ, address: IPAddress) -> bool:
+    net = dmz.subnet if address.version == 4 else dmz.subnet6
+    return net is not None and address in net
+
+
+def _in_protected(dmz: DMZ, address: IPAddress):
+    for net in (dmz.protected4 if address.version == 4 else dmz.protected6):
+        if address in net:
+            return net
+    return None
+
+
+def _is_host_destination(dmz: DMZ, dst: IPAddress, host_addresses: frozenset) -> bool:
+    if dst in host_addresses or dst == BROADCAST4 or dst.is_multicast:
+        return True
+    if dst in LINK_LOCAL6:
+        return True  # link-local is never forwarded: from the DMZ it can only be for the host
+    if dst.version == 4 and dst == dmz.subnet.broadcast_address:
+        return True
+    return False
+
+
+def explain(dmz: DMZ, flow: Flow, host_addresses: Iterable = (),
+            bridge_netfilter: Optional[bool] = None) -> Decision:
+    """The decision for the flow's first packet, and the rules that lead to it.
+
+    host_addresses: the host's own addresses (the gateways are always included).
+    bridge_netfilter: whether br_netfilter hands bridged frames to the IP hooks
+    (/proc/sys/net/bridge/bridge-nf-call-iptables = 1); None when unknown.
+    """
+    if flow.src is not None and flow.src.version != flow.dst.version:
+        raise ExplainError(f"{flow.src} and {flow.dst} are of different IP versions")
+    hosts = host_address_set(dmz, host_addresses)
+    if not flow.from_dmz:
+        return _from_outside(dmz, flow, hosts)
+    if _is_host_destination(dmz, flow.dst, hosts):
+        return _to_host(dmz, flow)
+    if _in_dmz_subnet(dmz, flow.dst) and not flow.via_host:
+        return _vm_to_vm_bridged(dmz, flow, bridge_netfilter)
+    return _forward(dmz, flow)
+
+
+def _from_outside(dmz: DMZ, flow: Flow, hosts: frozenset) -> Decision:
+    trace = ("forward 1 established/related: not applicable (a new flow)",
+             f"forward 2 does not enter from the DMZ bridge {dmz.bridge}: the chain's policy accepts")
+    if _in_dmz_subnet(dmz, flow.dst):
+        if dmz.mode == "nat":
+            return Decision(False, "libvirt-nat", "libvirt NAT network", None, "forward",
+                            "dmzctl's table lets it pass, but libvirt's NAT mode only lets replies into the DMZ",
+                            trace=trace)
+        if dmz.mode == "isolated":
+            return Decision(False, "libvirt-isolated", "libvirt isolated network", None, "forward",
+                            "dmzctl's table lets it pass, but libvirt's isolated mode forwards nothing to or "
+                            "from the DMZ", trace=trace)
+        return Decision(True, "not-from-dmz", "forward policy accept", "forward", "forward",
+                        "dmzctl filters what enters from the DMZ; a new flow into the DMZ is routed to the VM "
+                        "and its replies are accepted as established/related", trace=trace)
+    return Decision(True, "not-from-dmz", "not dmzctl's traffic", None, None,
+                    "neither from nor to the DMZ: dmzctl's table does not judge it", trace=trace)
+
+
+def _forward(dmz: DMZ, flow: Flow, walk: Optional[_Walk] = None) -> Decision:
+    walk = walk or _Walk(dmz, flow, "forward")
+    if _in_dmz_subnet(dmz, flow.dst):
+        if dmz.isolate_vms:
+            walk.trace.append("from_dmz 3 leaves through the DMZ bridge again (isolate_vms): jump vm_to_vm")
+            return walk.decide(False, "vm-to-vm", "VM to VM (isolate_vms)", "vm_to_vm",
+                               f"{flow.dst} is another DMZ address and isolate_vms is on", log_reason="vm-to-vm")
+        walk.trace.append("from_dmz 3 leaves through the DMZ bridge again: accept")
+        return walk.decide(True, "within-dmz", "VM to VM within the DMZ", "from_dmz",
+                           f"{flow.dst} is another DMZ address and isolate_vms is off")
+    walk.trace.append("from_dmz 3 back into the DMZ: no")
+    decision = walk.spoofed("from_dmz", 4, allow_unspecified=False) or walk.holes("from_dmz", 5)
+    if decision is not None:
+        return _after_libvirt(dmz, flow, decision)
+    net = _in_protected(dmz, flow.dst)
+    if net is not None:
+        walk.trace.append(f"from_dmz 6 {flow.dst} in @protected{flow.family} ({net}): jump protected")
+        return walk.decide(False, "protected", f"to protected IPv{flow.family}", "protected",
+                           f"{flow.dst} is inside the protected subnet {net}", log_reason="to-protected")
+    walk.trace.append(f"from_dmz 6 {flow.dst} not in @protected{flow.family}")
+    if dmz.egress == "none":
+        walk.trace.append('from_dmz 7 egress = "none": jump egress')
+        return walk.decide(False, "egress", "egress none", "egress",
+                           'egress = "none": the DMZ reaches nothing beyond its holes', log_reason="egress")
+    walk.trace.append('from_dmz 7 egress = "any": end of chain, policy accept')
+    decision = walk.decide(True, "egress-any", "forward policy accept", "from_dmz",
+                           'not protected, not the host, and egress = "any"')
+    return _after_libvirt(dmz, flow, decision)
+
+
+def _after_libvirt(dmz: DMZ, flow: Flow, decision: Decision) -> Decision:
+    """libvirt's own forwarding rules run after dmzctl's table and can still reject an accepted packet."""
+    if not decision.allowed or dmz.mode != "isolated" or _in_dmz_subnet(dmz, flow.dst):
+        return decision
+    return Decision(False, "libvirt-isolated", "libvirt isolated network", decision.chain, decision.hook,
+                    f"dmzctl's table accepts it ({decision.rule}), but libvirt's isolated mode rejects every "
+                    f"packet forwarded out of the DMZ", origin=decision.origin, trace=decision.trace,
+                    notes=decision.notes + ("holes to addresses beyond the host cannot work in "
+                                            "mode = \"isolated\"; use route or nat",))
+
+
+def _vm_to_vm_bridged(dmz: DMZ, flow: Flow, bridge_netfilter: Optional[bool]) -> Decision:
+    """Another DMZ address, switched on the bridge: nftables sees it only through br_netfilter."""
+    subnet = dmz.subnet if flow.family == 4 else dmz.subnet6
+    if flow.src is not None and flow.src not in subnet and not (flow.family == 6 and flow.src in LINK_LOCAL6):
+        return Decision(False, "nwfilter", "nwfilter dmzctl-clean-traffic / spoof6", None, None,
+                        f"a forged source ({flow.src}) switched to another VM: the VM's nwfilter drops it on "
+                        f"its libvirt NIC (nftables, even with br_netfilter, lets VM-to-VM traffic pass "
+                        f"unless isolate_vms)")
+    if bridge_netfilter:
+        walk = _Walk(dmz, flow, "forward")
+        walk.notes.append("switched on the bridge; br_netfilter (bridge-nf-call-iptables = 1) hands it to "
+                          "the forward hook as if routed")
+        decision = _forward(dmz, flow, walk)
+        if not decision.allowed or not dmz.isolate_vms:
+            return decision
+    if dmz.isolate_vms:
+        notes = ("between two real guest NICs libvirt's <port isolated='yes'/> cuts it at layer 2, "
+                 "whatever nftables says",)
+        if bridge_netfilter is None:
+            notes += ("with br_netfilter loaded, dmzctl's vm_to_vm rule drops it as well",)
+        return Decision(False, "port-isolation", "libvirt <port isolated='yes'/> (isolate_vms)", None, None,
+                        f"{flow.dst} is another DMZ address: isolate_vms isolates the VMs' bridge ports",
+                        notes=notes)
+    notes = ["switched on the bridge at layer 2: nftables' IP hooks do not see it"]
+    if bridge_netfilter is None:
+        notes.append("with br_netfilter loaded (bridge-nf-call-iptables = 1) from_dmz sees it and accepts it "
+                     "as VM to VM within the DMZ")
+    return Decision(True, "layer2", "the DMZ bridge (no isolate_vms)", None, None,
+                    f"{flow.dst} is another DMZ address and isolate_vms is off", notes=tuple(notes))
+
+
+def _to_host(dmz: DMZ, flow: Flow) -> Decision:
+    walk = _Walk(dmz, flow, "input")
+    decision = walk.spoofed("to_host", 3, allow_unspecified=True) or walk.holes("to_host", 4)
+    if decision is not None:
+        return decision
+    port_proto = flow.proto in ("tcp", "udp")
+    if dmz.dhcp:
+        if flow.family == 4 and flow.dst in (dmz.gateway.ip, BROADCAST4) and flow.proto == "udp" and flow.port == 67:
+            walk.trace.append("to_host 5 DHCP to the gateway: accept")
+            return walk.decide(True, "dhcp", "DHCP to the gateway", "to_host", "DHCP requests to the gateway "
+                               "are accepted (dhcp = true)")
+        if flow.family == 4 and flow.dst == dmz.gateway.ip and port_proto and flow.port == 53:
+            walk.trace.append("to_host 5 DNS to the gateway: accept")
+            return walk.decide(True, "dns", "DNS to the gateway", "to_host", "DNS to libvirt's dnsmasq on the "
+                               "gateway is accepted (dhcp = true)")
+        if flow.family == 6 and dmz.gateway6 is not None and port_proto and flow.port == 53 \
+                and (flow.dst == dmz.gateway6.ip or flow.dst in LINK_LOCAL6):
+            walk.trace.append("to_host 5 DNS to the gateway (IPv6): accept")
+            return walk.decide(True, "dns6", "DNS to the gateway (IPv6)", "to_host", "DNS to libvirt's dnsmasq "
+                               "on the IPv6 gateway or the bridge's link-local address (named in its router "
+                               "advertisements) is accepted (dhcp = true)")
+        walk.trace.append("to_host 5 DHCP/DNS to the gateway: no")
+    if dmz.gateway6 is not None and flow.proto == "icmpv6" and flow.icmp_type in ND_TYPES:
+        walk.trace.append(f"to_host 5 IPv6 neighbour discovery ({ND_TYPES[flow.icmp_type]}): accept")
+        walk.notes.append("only with hop limit 255, as genuine neighbour discovery has")
+        return walk.decide(True, "nd", "IPv6 neighbour discovery", "to_host",
+                           "neighbour discovery with the host is accepted")
+    walk.trace.append("to_host 6 everything else to the host: jump host")
+    return walk.decide(False, "host", "everything else to the host", "host",
+                       f"{flow.dst} is the host's own address: the DMZ reaches the host only through its holes "
+                       f"and DHCP/DNS/neighbour discovery", log_reason="to-host")
+
+
+def format_decision(dmz: DMZ, flow: Flow, decision: Decision) -> str:
+    lines = [f"{dmz.name}: {flow.describe()}",
+             f"  {decision.verdict.upper()}: {decision.reason}",
+             f"  decided by: {decision.rule}" + (f" (chain {decision.chain})" if decision.chain else "")]
+    if decision.log_prefix:
+        lines.append(f"  logged (rate-limited) with the prefix {decision.log_prefix!r}")
+    if decision.trace:
+        lines.append("  rules, in order:")
+        lines += [f"    {step}" for step in decision.trace]
+    for note in decision.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,286 @@
+"""`dmzctl verify`: its plan (pure) and the real thing against the namespace world of the isolation tests.
+
+The live tests run the CLI as a user would, against tests/configs/isolation/*.toml
+brought up without VMs, with the LAN and "wan" namespaces answering. They pass
+--skip for every host address that is not one of this test's own (the machine's
+link 192.0.2.0/24 and fd00::/64 above all, and other engineers' test networks).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import netns
+from dmzctl.config import load_dmz
+from dmzctl.verify import (Probe, choose_addresses, host_addresses_from_ip_json, plan, sample_address)
+
+CONFIGS = Path(__file__).parent / "configs" / "isolation"
+OPEN = CONFIGS / "open.toml"
+CLOSED = CONFIGS / "closed.toml"
+OURS = [ipaddress.ip_network(n) for n in ("10.231.0.0/24", "10.232.0.0/24", "10.233.0.0/24",
+                                          "fdd0:231::/64", "fdd0:232::/64", "fdd0:233::/64")]
+TARGETS = ["10.233.0.100:80", "[fdd0:233::100]:80"]
+SRC4, SRC6 = ipaddress.ip_address("10.231.0.127"), ipaddress.ip_address("fdd0:231::ffff:ffff:ffff:fffe")
+
+
+# --- the plan (pure) ---------------------------------------------------------------
+
+def _by(probes: list[Probe], kind: str) -> list[Probe]:
+    return [p for p in probes if p.kind == kind]
+
+
+def test_plan_probes_samples_host_holes_and_targets_with_the_policy_s_expectations():
+    dmz = load_dmz(OPEN)
+    targets = [(ipaddress.ip_address("10.233.0.100"), 80)]
+    probes, notes = plan(dmz, SRC4, SRC6, ["10.232.0.1", "fdd0:232::1", "10.233.0.1"], targets, True)
+    destinations = {str(p.dst) for p in probes}
+    # Only the protected samples, hole destinations, the host and the explicit target: never anything else.
+    assert destinations == {"10.232.0.1", "fdd0:232::1", "10.232.0.53", "10.232.0.10", "10.232.0.25",
+                            "fdd0:232::25", "fdd0:232::10", "10.231.0.1", "fdd0:231::1", "10.233.0.1",
+                            "10.233.0.100"}
+    assert {p.dst for p in _by(probes, "protected")} == {sample_address(n) for n in dmz.protected}
+    assert all(not p.expected.allowed for p in _by(probes, "protected"))
+    assert all(not p.expected.allowed for p in _by(probes, "hole-edge")), "nothing broader than a hole"
+    holes = {(str(p.dst), p.proto, p.port): p.expected for p in _by(probes, "hole")}
+    assert holes[("10.232.0.53", "udp", 53)].allowed and holes[("10.232.0.53", "udp", 53)].origin == "dns"
+    assert not holes[("10.232.0.25", "tcp", 25)].allowed, "allow[2] is from dmzt-mail, not the probe"
+    assert not holes[("10.232.0.10", "sctp", 9000)].allowed, "allow[5] is from 10.231.0.0/28 only"
+    assert holes[("fdd0:232::10", "icmpv6", None)].allowed
+    dns = [p for p in probes if str(p.dst) == "10.231.0.1" and p.port == 53]
+    assert dns and all(p.expected.allowed for p in dns)
+    assert [p.expected.decided_by for p in _by(probes, "target")] == ["egress-any", "egress-any"]
+    assert not notes, notes
+
+
+def test_plan_without_targets_says_egress_was_not_probed_and_closed_blocks_targets():
+    dmz = load_dmz(CLOSED)
+    probes, notes = plan(dmz, SRC4, SRC6)
+    assert any("egress" in n and "--target" in n for n in notes)
+    probes, notes = plan(dmz, SRC4, SRC6, (), [(ipaddress.ip_address("fdd0:233::100"), None)])
+    assert [p.expected.decided_by for p in _by(probes, "target")] == ["egress", "egress"]
+
+
+def test_probe_status():
+    dmz = load_dmz(OPEN)
+    probes, _ = plan(dmz, SRC4, SRC6)
+    blocked = next(p for p in probes if not p.expected.allowed)
+    allowed = next(p for p in probes if p.expected.allowed)
+    for probe, observed, status in ((blocked, "timeout", "ok"), (blocked, "refused", "MISMATCH"),
+                                    (blocked, "reply", "MISMATCH"), (allowed, "connected", "ok"),
+                                    (allowed, "unreachable", "ok"), (allowed, "timeout", "unconfirmed"),
+                                    (allowed, "error", "error")):
+        probe.observed = observed
+        assert probe.status == status, (probe.label(), observed)
+
+
+def test_host_addresses_from_ip_json_skips_loopback_link_local_and_skip_prefixes():
+    data = [
+        {"ifname": "lo", "addr_info": [{"local": "127.0.0.1", "scope": "host"}, {"local": "::1", "scope": "host"}]},
+        {"ifname": "eth0", "addr_info": [{"local": "192.0.2.2", "scope": "global"},
+                                         {"local": "fd00::2", "scope": "global"},
+                                         {"local": "fe80::1", "scope": "link"}]},
+        {"ifname": "br", "addr_info": [{"local": "10.231.0.1", "scope": "global"},
+                                       {"local": "fdd0:231::1", "scope": "global"}]},
+    ]
+    found = host_addresses_from_ip_json(data, ["192.0.2.0/24", "fd00::/64"])
+    assert [str(a) for a in found] == ["10.231.0.1", "fdd0:231::1"]
+    assert len(host_addresses_from_ip_json(data)) == 4
+
+
+def test_choose_addresses_takes_the_top_of_the_static_half_and_avoids_what_is_in_use():
+    dmz = load_dmz(OPEN)
+    src4, src6 = choose_addresses(dmz, set())
+    assert (str(src4), str(src6)) == ("10.231.0.127", "fdd0:231::ffff:ffff:ffff:fffe")
+    src4, src6 = choose_addresses(dmz, {ipaddress.ip_address("10.231.0.127"), src6})
+    assert (str(src4), str(src6)) == ("10.231.0.126", "fdd0:231::ffff:ffff:ffff:fffd")
+
+
+# --- live -----------------------------------------------------------------------------
+
+def _require_host():
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    for tool in ("ip", "bridge", "nft", "virsh"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool}")
+
+
+def _foreign_host_addresses() -> list[str]:
+    """--skip for every address of this host that is not one of the test's own."""
+    data = json.loads(subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True).stdout)
+    skip = ["192.0.2.0/24", "fd00::/64"]
+    for address in host_addresses_from_ip_json(data):
+        if not any(address.version == n.version and address in n for n in OURS):
+            skip.append(f"{address}/{address.max_prefixlen}")
+    return skip
+
+
+class Up:
+    def __init__(self, world: netns.World):
+        self.world = world
+        self.dmz = None
+
+    def use(self, path: Path):
+        dmz = load_dmz(path)
+        if self.dmz is not None and self.dmz != dmz:
+            netns.dmz_down(self.dmz)
+            self.dmz = None
+        if self.dmz is None:
+            netns.dmz_up_without_vms(dmz)
+            self.dmz = dmz
+        return path
+
+    def close(self):
+        if self.dmz is not None:
+            netns.dmz_down(self.dmz)
+            self.dmz = None
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    _require_host()
+    for path in (OPEN, CLOSED):
+        dmz = load_dmz(path)
+        if netns.dmz_exists(dmz):
+            netns.dmz_down(dmz)
+    with netns.World(tmp_path_factory.mktemp("verify")) as world:
+        state = Up(world)
+        try:
+            yield state
+        finally:
+            state.close()
+    assert not netns.leftovers(), netns.leftovers()
+
+
+def _verify_argv(config: Path, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", "dmzctl.cli", "verify", str(config), "--timeout", "1.5", "--json"]
+    for target in TARGETS:
+        argv += ["--target", target]
+    for prefix in _foreign_host_addresses():
+        argv += ["--skip", prefix]
+    return argv + list(extra)
+
+
+def _probe_namespaces(pid: int) -> list[str]:
+    return [n for n in netns.netns_list() if n == f"dmzv-{str(pid)[-7:]}"]
+
+
+def _gone(pid: int) -> bool:
+    tag = str(pid)[-7:]
+    return not _probe_namespaces(pid) and not Path(f"/sys/class/net/dmzv{tag}h").exists()
+
+
+@pytest.mark.host
+def test_verify_passes_on_a_dmz_as_configured(up):
+    config = up.use(OPEN)
+    result = subprocess.run(_verify_argv(config), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report, = json.loads(result.stdout)
+    assert report["ok"] and not report["problems"]
+    counts = report["counts"]
+    assert counts["probes"] == counts["ok"] == counts["blocked_as_expected"] + counts["allowed_as_expected"]
+    assert counts["allowed_as_expected"] >= 10 and counts["blocked_as_expected"] >= 25
+    probed = {p["dst"] for p in report["probes"]}
+    assert all(any(ipaddress.ip_address(a) in n for n in OURS) for a in probed), sorted(probed)
+    assert {p["decided_by"] for p in report["probes"]} >= {"hole", "protected", "host", "dns", "egress-any"}
+
+
+@pytest.mark.host
+def test_verify_text_output(up):
+    config = up.use(OPEN)
+    argv = [a for a in _verify_argv(config) if a != "--json"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: " in result.stdout and "blocked and" in result.stdout
+    assert "hole allow[6]" in result.stdout
+
+
+@pytest.mark.host
+def test_verify_fails_when_the_table_is_deleted_while_it_runs(up):
+    from dmzctl.host import nft
+    from dmzctl.render.nft import delete_batch, table_name
+
+    config = up.use(OPEN)
+    dmz = load_dmz(config)
+    process = subprocess.Popen(_verify_argv(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert netns.wait_until(lambda: _probe_namespaces(process.pid) or process.poll() is not None, 30)
+        assert process.poll() is None, process.communicate()
+        nft.apply(delete_batch(table_name(dmz)))  # our own test DMZ's table
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        netns.reapply_table(dmz)
+    assert process.returncode == 1, out + err
+    report, = json.loads(out)
+    assert not report["ok"]
+    assert any("vanished" in p for p in report["problems"]), report["problems"]
+    mismatched = [p for p in report["probes"] if p["status"] == "MISMATCH"]
+    # Without the table the protected LAN and the host answer: the probes say so.
+    assert any(p["kind"] == "protected" for p in mismatched) and any(p["kind"] == "host" for p in mismatched)
+    assert _gone(process.pid)
+
+
+def _agent_running(pid: int) -> bool:
+    names = _probe_namespaces(pid)
+    if not names:
+        return False
+    pids = subprocess.run(["ip", "netns", "pids", names[0]], capture_output=True, text=True).stdout.split()
+    for agent in pids:
+        try:
+            argv = Path(f"/proc/{agent}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"dmzctl.verify" in argv:
+            return True
+    return False
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("when", ["setting-up", "probing"])
+def test_verify_cleans_up_when_terminated(up, when):
+    config = up.use(OPEN)
+    process = subprocess.Popen(_verify_argv(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = (lambda: _probe_namespaces(process.pid)) if when == "setting-up" else \
+            (lambda: _agent_running(process.pid))
+        assert netns.wait_until(lambda: ready() or process.poll() is not None, 30, 0.05)
+        assert process.poll() is None, process.communicate()
+        os.kill(process.pid, signal.SIGTERM)  # the process this test started
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, out + err
+    assert "interrupted" in err
+    assert netns.wait_until(lambda: _gone(process.pid), 5), netns.netns_list()
+
+
+@pytest.mark.host
+def test_verify_egress_none_and_isolated_vms(up):
+    config = up.use(CLOSED)
+    result = subprocess.run(_verify_argv(config), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report, = json.loads(result.stdout)
+    targets = [p for p in report["probes"] if p["kind"] == "target"]
+    assert targets and all(p["expected"] == "blocked" and p["decided_by"] == "egress" for p in targets)
+
+
+@pytest.mark.host
+def test_verify_refuses_a_dmz_that_is_not_up(up):
+    up.close()
+    result = subprocess.run(_verify_argv(OPEN), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "bridge dmzt-iso0 does not exist" in result.stderr
