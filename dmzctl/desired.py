@@ -40,11 +40,6 @@ def stamp_digest(element: etree._Element) -> str:
     return digest
 
 
-def owned_metadata(element: etree._Element):
-    """dmzctl's metadata element of a live or rendered document, or None if not ours."""
-    return element.find(f"metadata/{{{NS}}}*")
-
-
 def build(dmz: DMZ, facts: HostFacts = HostFacts()) -> DesiredDMZ:
     nwfilters: dict[str, etree._Element] = {CLEAN_TRAFFIC: clean_traffic_filter()}
     domains: dict[str, etree._Element] = {}

@@ -8,7 +8,6 @@ import subprocess
 from typing import Any, Optional
 
 from ..errors import FirewallError, HostError
-from ..render.base import OWNED_PREFIX
 from ..render.nft import FAMILY
 
 
@@ -56,18 +55,6 @@ def list_table(name: str) -> Optional[dict]:
 def table_exists(name: str) -> bool:
     rc, _out, _err = _binding().Nftables().cmd(f"list table {FAMILY} {name}")
     return rc == 0
-
-
-def owned_tables() -> list[str]:
-    rc, out, err = _client().cmd("list tables")
-    if rc != 0:
-        raise HostError(f"cannot list nftables tables: {err.strip()}")
-    names = []
-    for item in json.loads(out).get("nftables", []):
-        table = item.get("table")
-        if table and table["family"] == FAMILY and table["name"].startswith(OWNED_PREFIX):
-            names.append(table["name"])
-    return sorted(names)
 
 
 def canonical(listing: Optional[dict]) -> Any:
