@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -24,7 +21,6 @@ from lxml import etree
 
 from .config import DMZ
 from .desired import DesiredDMZ, build
-from .errors import FirewallError, HostError
 from .host import nft
 from .host.virt import DomainInfo, Virt, digest_of
 from .render.base import NS, to_string
@@ -340,23 +336,9 @@ def _normal_text(text: str) -> list[str]:
     return [_COUNTER_RE.sub("counter", line).rstrip() for line in text.splitlines() if line.strip()]
 
 
-def kernel_text(batch: dict, table: str) -> str:
-    """How `nft list table` shows `batch` once applied, found in a throwaway network namespace."""
-    unshare = shutil.which("unshare")
-    binary = shutil.which("nft")
-    if not unshare or not binary:
-        raise HostError("unshare (util-linux) and nft (nftables) are needed to compare firewall tables")
-    script = f"{binary} -j -f - && {binary} list table {FAMILY} {table}"
-    result = subprocess.run([unshare, "--net", "sh", "-c", script], input=json.dumps(batch),
-                            capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        raise FirewallError(f"nftables refused the firewall batch: {result.stderr.strip()}", batch)
-    return result.stdout
-
-
 def firewall_diff(desired: DesiredDMZ) -> list[str]:
     """Rules, chains and set elements added/removed between the live table and the config's."""
-    want = _normal_text(kernel_text(apply_batch(desired.dmz), desired.table))
+    want = _normal_text(nft.kernel_text(apply_batch(desired.dmz), desired.table))
     live_text = nft.list_table_text(desired.table)
     if live_text is None:
         return [f"+ {line}" for line in want]

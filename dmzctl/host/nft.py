@@ -82,22 +82,32 @@ def _strip_counter(expr: Any) -> Any:
     return expr
 
 
-def kernel_form(batch: dict, table: str) -> Any:
-    """How the kernel lists `batch` once applied, found in a throwaway network namespace.
+def _listed_in_throwaway_netns(batch: dict, table: str, json_output: bool) -> str:
+    """Apply `batch` in a network namespace of its own and list `table` there.
 
     libnftables lists a table differently from the JSON that created it; applying
     it where nothing else lives and reading it back gives the form to compare with.
     """
     unshare = shutil.which("unshare")
-    nft = shutil.which("nft")
-    if not unshare or not nft:
+    binary = shutil.which("nft")
+    if not unshare or not binary:
         raise HostError("unshare (util-linux) and nft (nftables) are needed to compare firewall tables")
-    script = f'{nft} -j -f - && {nft} -j list table {FAMILY} {table}'
-    result = subprocess.run([unshare, "--net", "sh", "-c", script], input=json.dumps(batch),
-                            capture_output=True, text=True, timeout=60)
+    listing = f"{binary} {'-j ' if json_output else ''}list table {FAMILY} {table}"
+    result = subprocess.run([unshare, "--net", "sh", "-c", f"{binary} -j -f - && {listing}"],
+                            input=json.dumps(batch), capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise FirewallError(f"nftables refused the firewall batch: {result.stderr.strip()}", batch)
-    return canonical(json.loads(result.stdout))
+    return result.stdout
+
+
+def kernel_form(batch: dict, table: str) -> Any:
+    """How the kernel lists `batch` once applied (JSON, canonical), to compare with the live table."""
+    return canonical(json.loads(_listed_in_throwaway_netns(batch, table, json_output=True)))
+
+
+def kernel_text(batch: dict, table: str) -> str:
+    """How `nft list table` shows `batch` once applied, for people (plan's diffs)."""
+    return _listed_in_throwaway_netns(batch, table, json_output=False)
 
 
 def list_table_text(name: str) -> Optional[str]:

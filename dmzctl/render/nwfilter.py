@@ -14,7 +14,6 @@ Per VM:
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
 
 from lxml import etree
 
