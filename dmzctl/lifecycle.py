@@ -27,6 +27,8 @@ from .render.domain import HostFacts
 from .render.nft import apply_batch, delete_batch
 
 LOCK_DIR = Path(os.environ.get("DMZCTL_RUN_DIR", "/run/dmzctl"))
+# Taken around defining and removing the nwfilter all DMZs share (a DMZ name never starts with '.').
+SHARED_FILTERS_LOCK = ".shared-nwfilters"
 Say = Callable[[str], None]
 
 
@@ -225,7 +227,8 @@ def up(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, restart_changed: 
     undo = Undo(say)
     try:
         _up_network(virt, desired, outcome, undo)
-        _up_nwfilters(virt, desired, outcome, undo)
+        with dmz_lock(SHARED_FILTERS_LOCK, say=say):
+            _up_nwfilters(virt, desired, outcome, undo)
         apply_firewall(desired, outcome, undo)
         # Fail closed: re-check both layers right before any VM may run.
         if not nft.table_exists(desired.table):
@@ -403,11 +406,13 @@ def _remove_nwfilters(virt: Virt, dmz: DMZ, outcome: Outcome) -> None:
     for name in sorted(names, key=lambda n: (n.count("-guard") + n.count("-spoof"), n)):
         virt.undefine_nwfilter(name)
         outcome.change(f"nwfilter {name} removed")
-    # The shared clean-traffic filter goes with the last DMZ that uses it.
-    if not any(n.startswith("dmzctl-") and n != "dmzctl-clean-traffic" for n in virt.nwfilter_names()):
-        if virt.nwfilter_exists("dmzctl-clean-traffic"):
-            virt.undefine_nwfilter("dmzctl-clean-traffic")
-            outcome.change("nwfilter dmzctl-clean-traffic removed")
+    # The shared clean-traffic filter goes with the last DMZ that uses it; the lock
+    # keeps another DMZ's `up` from referencing it while it goes.
+    with dmz_lock(SHARED_FILTERS_LOCK):
+        if not any(n.startswith("dmzctl-") and n != "dmzctl-clean-traffic" for n in virt.nwfilter_names()):
+            if virt.nwfilter_exists("dmzctl-clean-traffic"):
+                virt.undefine_nwfilter("dmzctl-clean-traffic")
+                outcome.change("nwfilter dmzctl-clean-traffic removed")
 
 
 def kill(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, say: Say = print) -> Outcome:
