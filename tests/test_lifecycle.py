@@ -95,6 +95,37 @@ def test_up_boots_guest_behind_its_firewall_and_twice_is_a_no_op(make_dmz, tmp_p
     second = dmzctl("up", str(config), check=True)
     assert second.stdout.strip() == "lcup: up: nothing to change"
 
+    assert_console_attaches("lcup-web")
+    assert "no VM named 'lcup-nothing'" in dmzctl("console", "lcup-nothing").stderr
+
+
+def assert_console_attaches(vm: str) -> None:
+    """`dmzctl console` attaches to the serial console, as virsh console does; Ctrl+] leaves."""
+    import os
+    import pty
+    import select
+    import sys
+
+    from guest import ROOT
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "dmzctl.cli", "console", vm])
+    seen = b""
+    deadline = time.monotonic() + 30
+    while b"Escape character" not in seen and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:
+                break
+    os.write(fd, b"\x1d")  # Ctrl+]
+    _pid, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert f"Connected to domain '{vm}'".encode() in seen, seen
+    assert os.waitstatus_to_exitcode(status) == 0
+
 
 def test_status_reports_each_state_truthfully(make_dmz):
     config = make_dmz("lcst", [("lcst-web", "10.241.0.20")])
