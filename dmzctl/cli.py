@@ -121,6 +121,16 @@ def print_outcome(outcome, verb: str) -> None:
         typer.echo(f"{outcome.dmz}: PENDING: {pending}")
 
 
+def print_reports(items, as_json: bool, text: str, ok: bool = True) -> None:
+    """With --json each item's to_dict(), else the text; then exit 1 unless ok."""
+    if as_json:
+        typer.echo(json.dumps([item.to_dict() for item in items], indent=2))
+    else:
+        typer.echo(text, nl=False)
+    if not ok:
+        raise typer.Exit(code=1)
+
+
 def each_dmz(configs, connect, work):
     """Run work(virt, dmz) for each DMZ under its lock, with one libvirt connection."""
     from .host.virt import Virt
@@ -207,12 +217,8 @@ def status(
         dmzs = load_configs(configs)
         with Virt(resolve_uri(connect)) as virt:
             statuses = [dmz_status(virt, dmz) for dmz in dmzs]
-        if as_json:
-            typer.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
-        else:
-            typer.echo("\n".join(format_status(s) for s in statuses))
-        if not all(s.ok for s in statuses):
-            raise typer.Exit(code=1)
+        print_reports(statuses, as_json, "\n".join(format_status(s) for s in statuses) + "\n",
+                      ok=all(s.ok for s in statuses))
 
     run(action)
 
@@ -370,12 +376,7 @@ def verify(
             with dmz_lock(dmz.name, say=say):
                 reports.append(verify_dmz(dmz, target or [], skip or [], address=address, address6=address6,
                                           timeout=timeout, say=(lambda m: None) if as_json else say))
-        if as_json:
-            typer.echo(json.dumps([r.to_dict() for r in reports], indent=2))
-        else:
-            typer.echo("".join(format_report(r) for r in reports), nl=False)
-        if not all(r.ok for r in reports):
-            raise typer.Exit(code=1)
+        print_reports(reports, as_json, "".join(format_report(r) for r in reports), ok=all(r.ok for r in reports))
 
     run(action)
 
@@ -399,10 +400,7 @@ def plan(
         dmzs = load_configs(configs)
         with Virt(resolve_uri(connect)) as virt:
             plans = [compute(virt, dmz, vm, restart_changed) for dmz in dmzs]
-        if as_json:
-            typer.echo(json.dumps([p.to_dict() for p in plans], indent=2))
-        else:
-            typer.echo("".join(format_plan(p) for p in plans), nl=False)
+        print_reports(plans, as_json, "".join(format_plan(p) for p in plans))
 
     run(action)
 

@@ -141,19 +141,17 @@ def probe_udp(spec: dict) -> dict:
             sock.send(payload)
         except OSError as error:
             return _os_error(spec, error, began)
-        deadline = began + spec["timeout"]
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return _result(spec, "timeout", "no answer", began)
-            sock.settimeout(remaining)
-            try:
-                answer = sock.recv(2048)
-            except socket.timeout:
-                return _result(spec, "timeout", "no answer", began)
-            except OSError as error:
-                return _os_error(spec, error, began)
-            return _result(spec, "reply", f"{len(answer)} bytes back", began)
+        remaining = began + spec["timeout"] - time.monotonic()
+        if remaining <= 0:
+            return _result(spec, "timeout", "no answer", began)
+        sock.settimeout(remaining)
+        try:
+            answer = sock.recv(2048)
+        except socket.timeout:
+            return _result(spec, "timeout", "no answer", began)
+        except OSError as error:
+            return _os_error(spec, error, began)
+        return _result(spec, "reply", f"{len(answer)} bytes back", began)
 
 
 def _icmp_socket(dst: str, proto: Optional[int] = None):
@@ -183,6 +181,20 @@ def _embedded(message: bytes, v6: bool) -> Optional[tuple[str, int, bytes]]:
     return socket.inet_ntoa(inner[16:20]), inner[9], inner[length:]
 
 
+def _packets(sockets: list, deadline: float):
+    """(socket, data, peer) for each packet that arrives on `sockets` before the deadline."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        ready, _, _ = select.select(sockets, [], [], remaining)
+        if not ready:
+            return
+        for handle in ready:
+            data, peer = handle.recvfrom(4096)
+            yield handle, data, peer
+
+
 def probe_icmp(spec: dict) -> dict:
     """An ICMP/ICMPv6 message with an identifier; waits for the matching reply or an error quoting it."""
     began = time.monotonic()
@@ -205,16 +217,8 @@ def probe_icmp(spec: dict) -> dict:
             sock.sendto(message, _sockaddr(dst))
         except OSError as error:
             return _os_error(spec, error, began)
-        deadline = began + spec["timeout"]
         errors = ICMP6_ERRORS if v6 else ICMP4_ERRORS
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return _result(spec, "timeout", "no answer", began)
-            ready, _, _ = select.select([sock], [], [], remaining)
-            if not ready:
-                return _result(spec, "timeout", "no answer", began)
-            data, peer = sock.recvfrom(4096)
+        for _handle, data, peer in _packets([sock], began + spec["timeout"]):
             source, reply = _icmp_message(data, v6)
             source = source or peer[0]
             if len(reply) < 8:
@@ -232,6 +236,7 @@ def probe_icmp(spec: dict) -> dict:
                 continue  # our own request, looped back on the loopback or seen by the raw socket
             if reply[4:6] == struct.pack("!H", ident):
                 return _result(spec, "reply", f"ICMP type {rtype} back", began)
+        return _result(spec, "timeout", "no answer", began)
 
 
 def probe_raw(spec: dict) -> dict:
@@ -256,31 +261,23 @@ def probe_raw(spec: dict) -> dict:
             sock.sendto(payload, _sockaddr(dst))
         except OSError as error:
             return _os_error(spec, error, began)
-        deadline = began + spec["timeout"]
         errors = ICMP6_ERRORS if v6 else ICMP4_ERRORS
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return _result(spec, "timeout", "no answer", began)
-            ready, _, _ = select.select([sock, icmp], [], [], remaining)
-            if not ready:
-                return _result(spec, "timeout", "no answer", began)
-            for handle in ready:
-                data, peer = handle.recvfrom(4096)
-                if handle is sock:
-                    source = peer[0] if v6 else socket.inet_ntoa(data[12:16])
-                    if ipaddress.ip_address(source) == ipaddress.ip_address(dst):
-                        return _result(spec, "reply", f"protocol {proto} packet back", began)
-                    continue
-                source, message = _icmp_message(data, v6)
-                source = source or peer[0]
-                if len(message) < 8 or message[0] not in errors:
-                    continue
-                quoted = _embedded(message, v6)
-                if quoted and quoted[1] == proto and ipaddress.ip_address(quoted[0]) == ipaddress.ip_address(dst) \
-                        and (not token or token in quoted[2] or len(quoted[2]) < len(payload)):
-                    return _result(spec, "unreachable", f"{errors[message[0]]} (code {message[1]}) from {source}",
-                                   began)
+        for handle, data, peer in _packets([sock, icmp], began + spec["timeout"]):
+            if handle is sock:
+                source = peer[0] if v6 else socket.inet_ntoa(data[12:16])
+                if ipaddress.ip_address(source) == ipaddress.ip_address(dst):
+                    return _result(spec, "reply", f"protocol {proto} packet back", began)
+                continue
+            source, message = _icmp_message(data, v6)
+            source = source or peer[0]
+            if len(message) < 8 or message[0] not in errors:
+                continue
+            quoted = _embedded(message, v6)
+            if quoted and quoted[1] == proto and ipaddress.ip_address(quoted[0]) == ipaddress.ip_address(dst) \
+                    and (not token or token in quoted[2] or len(quoted[2]) < len(payload)):
+                return _result(spec, "unreachable", f"{errors[message[0]]} (code {message[1]}) from {source}",
+                               began)
+        return _result(spec, "timeout", "no answer", began)
 
 
 def probe_sctp(spec: dict) -> dict:
