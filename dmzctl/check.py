@@ -16,9 +16,13 @@ from typing import Any, Callable, Optional
 from .config import DMZ
 from .desired import DesiredDMZ, build
 from .errors import DmzctlError
+from .implicit import SET_NAMES
 from .host.virt import Virt, digest_of, domains_of, owner_of
 from .plan import decide_firewall, decide_nwfilters
 from .render.base import to_string
+
+
+IMPLICIT_SETS = set(SET_NAMES.values())
 
 
 @dataclass
@@ -52,17 +56,18 @@ class DMZCheck:
 
 
 def check_dmz(virt: Virt, dmz: DMZ) -> DMZCheck:
-    from .lifecycle import host_facts
+    from .lifecycle import desired_state
 
     began = time.monotonic()
     result = DMZCheck(dmz.name, str(dmz.source))
-    desired = build(dmz, host_facts(virt, dmz))
+    desired = desired_state(virt, dmz)
     found = result.differences
     network_ok = _check_network(virt, desired, found)
     if network_ok:
         _check_nwfilters(virt, desired, found)
     _check_firewall(desired, found)
     _check_domains(virt, desired, found)
+    _check_hooks(found)
     result.seconds = time.monotonic() - began
     return result
 
@@ -82,15 +87,23 @@ def _check_network(virt: Virt, desired: DesiredDMZ, found: list[Difference]) -> 
     want = digest_of(to_string(desired.network))
     if digest_of(definition) != want:
         found.append(Difference(what, "definition differs from the config", "network definition differs"))
-    if not net.isActive():
+    if not virt.network_active(net):
         found.append(Difference(what, "not active", "network inactive"))
     else:
         if digest_of(virt.network_xml(net, inactive=False)) != want and digest_of(definition) == want:
             found.append(Difference(what, "runs an older definition (dmzctl down, then up)",
                                     "network runs an older definition"))
-        if not net.autostart():
+        if not virt.network_autostart(net):
             found.append(Difference(what, "not marked autostart", "network autostart off"))
     return True
+
+
+def _check_hooks(found: list[Difference]) -> None:
+    from .install import missing_hooks
+
+    for path in missing_hooks():
+        found.append(Difference(f"libvirt hook {path}", "missing: virsh or virt-manager could start a VM of this "
+                                                        "DMZ without its firewall table", "hooks missing"))
 
 
 def _check_nwfilters(virt: Virt, desired: DesiredDMZ, found: list[Difference]) -> None:
@@ -151,7 +164,11 @@ def table_drift(live: Any, want: Any) -> list[tuple[str, str]]:
             out.append((f"chain {name} is not in the config", f"firewall chain {name} added"))
     for name in want_sets:
         if live_sets.get(name) != want_sets[name]:
-            out.append((f"set {name} differs", f"firewall set {name} differs"))
+            if name.rstrip("46") in IMPLICIT_SETS and name in live_sets:
+                out.append((f"set {name} is stale: the host's networks or the other DMZs changed since it was "
+                            f"applied (check --fix re-applies)", f"firewall set {name} stale"))
+            else:
+                out.append((f"set {name} differs", f"firewall set {name} differs"))
     return out or [("differs from the config", "firewall table differs")]
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .config import DEFAULT_CONFIG_DIR, DMZ, default_config_paths, load_all
-from .errors import ConfigError, DmzctlError
+from .errors import ConfigError, DmzctlError, HostError
 
 app = typer.Typer(
     name="dmzctl",
@@ -63,6 +63,14 @@ def run(action):
         if STATE["debug"]:
             raise
         fail(error)
+    except Exception as error:
+        # A libvirt error that escaped host/virt.py's translation is still no answer to show as a
+        # traceback: one line, exit code 3 (the host), like every other host error.
+        if type(error).__name__ != "libvirtError" or STATE["debug"]:
+            raise
+        from .host.virt import describe
+
+        fail(HostError(f"libvirt: {describe(error)}"))
     except KeyboardInterrupt:
         typer.echo("dmzctl: interrupted", err=True)
         raise typer.Exit(code=130) from None
@@ -99,11 +107,20 @@ def render(
         "--what", help="network | nwfilter | nft | domain:NAME | all")] = "all",
     virt_type: Annotated[Optional[str], typer.Option(
         "--virt-type", help="Render domains as kvm or qemu (default: qemu; `up` asks the host)")] = None,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="Leave the host's networks out (they are read-only looked at otherwise)")] = False,
 ) -> None:
     """Print what `up` would apply, touching nothing."""
     from .render_cli import render_text
 
-    run(lambda: typer.echo(render_text(load_configs(configs), what, virt_type), nl=False))
+    def show():
+        from .host.facts import host_view
+        from .implicit import HostView
+
+        view = HostView() if offline else host_view()
+        typer.echo(render_text(load_configs(configs), what, virt_type, view), nl=False)
+
+    run(show)
 
 
 VmOpt = Annotated[Optional[list[str]], typer.Option("--vm", help="Only this VM (repeatable)")]
@@ -149,13 +166,16 @@ def up(
     vm: VmOpt = None,
     restart_changed: Annotated[bool, typer.Option(
         "--restart-changed", help="Restart running VMs whose definition changed")] = False,
+    no_hooks: Annotated[bool, typer.Option(
+        "--no-hooks", help="Do not install libvirt's hooks (then virsh or virt-manager can start a VM "
+                           "without its firewall table; status and check report it)")] = False,
     connect: ConnectOpt = None,
 ) -> None:
-    """Bring DMZs up: network, filters, firewall, then the VMs (never a VM without its firewall)."""
+    """Bring DMZs up: hooks, network, filters, firewall, then the VMs (never a VM without its firewall)."""
     from . import lifecycle
 
     run(lambda: each_dmz(configs, connect, lambda virt, dmz: print_outcome(
-        lifecycle.up(virt, dmz, vm, restart_changed, say=say), "up")))
+        lifecycle.up(virt, dmz, vm, restart_changed, say=say, hooks=not no_hooks), "up")))
 
 
 @app.command()

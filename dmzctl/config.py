@@ -42,7 +42,7 @@ MIN_MEMORY_MIB = 64
 
 DMZ_KEYS = {
     "name", "bridge", "mode", "gateway", "gateway6", "protected", "dns", "dhcp",
-    "egress", "isolate_vms", "log_rate", "log_burst", "allow",
+    "egress", "isolate_vms", "log_rate", "log_burst", "allow", "block_private_ranges",
 }
 ALLOW_KEYS = {"to", "proto", "port", "from"}
 VM_KEYS = {
@@ -105,6 +105,8 @@ class DMZ:
     log_burst: int
     holes: tuple[Hole, ...]
     vms: tuple[VM, ...]
+    # The private and special ranges are blocked unless listed in a hole (dmzctl/implicit.py).
+    block_private_ranges: bool = True
     source: Path = field(default=Path("<memory>"), compare=False)
     config_hash: str = ""
 
@@ -385,6 +387,7 @@ def parse_dmz(data: dict, source: Path = Path("<memory>"), config_hash: str = ""
     dhcp = check.typed(dmz_table, "dhcp", bool, "dmz", default=True)
     egress = check.choice(dmz_table, "egress", EGRESS, "dmz", "any")
     isolate_vms = check.typed(dmz_table, "isolate_vms", bool, "dmz", default=False)
+    block_private = check.typed(dmz_table, "block_private_ranges", bool, "dmz", default=True)
     log_rate = check.typed(dmz_table, "log_rate", str, "dmz", default="6/hour")
     if log_rate is not None and not RATE_RE.match(log_rate):
         check.problem("dmz.log_rate", f"{log_rate!r} must look like N/second, N/minute, N/hour or N/day (e.g. '6/hour')")
@@ -418,7 +421,7 @@ def parse_dmz(data: dict, source: Path = Path("<memory>"), config_hash: str = ""
         name=name, bridge=bridge, mode=mode, gateway=gateway, gateway6=gateway6,
         protected=collapsed, dns=dns, dhcp=dhcp, egress=egress, isolate_vms=isolate_vms,
         log_rate=log_rate, log_burst=log_burst, holes=tuple(holes), vms=tuple(vms),
-        source=source, config_hash=config_hash,
+        block_private_ranges=block_private, source=source, config_hash=config_hash,
     )
 
 
@@ -437,9 +440,10 @@ def _parse_hole(check, entry, where, protected, gateway, gateway6, vms, declared
             target = ipaddress.ip_network(to, strict=True)
         except ValueError:
             check.problem(f"{where}.to", f"{to!r} is not a valid address or prefix")
-    if target is not None and not any(target.version == p.version and target.subnet_of(p) for p in protected):
-        check.problem(f"{where}.to", f"{target} is not inside any protected subnet; a hole may only open "
-                                     f"part of dmz.protected (flows elsewhere follow dmz.egress)")
+    own = [net for net in (gateway and gateway.network, gateway6 and gateway6.network) if net is not None]
+    if target is not None and any(target.version == net.version and target.overlaps(net) for net in own):
+        check.problem(f"{where}.to", f"{target} is inside the DMZ itself; traffic between its VMs follows "
+                                     f"dmz.isolate_vms, not holes")
         target = None
     if target is not None and target.version == 6 and gateway6 is None:
         check.problem(f"{where}.to", f"{target} is IPv6 but the DMZ has no IPv6 (set dmz.gateway6)")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 from .config import DMZ
+from .implicit import Blocked, HostView, blocks_for
 from .render.base import NS, load_base, to_string, xml_dir
 from .render.domain import HostFacts, render_domain
 from .render.network import render_network
@@ -24,6 +25,8 @@ class DesiredDMZ:
     table: str
     nft: list[Command]
     domains: dict[str, etree._Element]
+    blocks: tuple[Blocked, ...] = ()  # the implicit blocks the table holds
+    view: HostView = HostView()  # the host's networks they were read from
 
 
 def stamp_digest(element: etree._Element) -> str:
@@ -40,15 +43,17 @@ def stamp_digest(element: etree._Element) -> str:
     return digest
 
 
-def build(dmz: DMZ, facts: HostFacts = HostFacts()) -> DesiredDMZ:
+def build(dmz: DMZ, facts: HostFacts = HostFacts(), view: HostView = HostView()) -> DesiredDMZ:
+    """Everything for one DMZ; `view` is the host's networks (empty: only what needs no host)."""
+    blocks = blocks_for(dmz, view)
     nwfilters: dict[str, etree._Element] = {CLEAN_TRAFFIC: clean_traffic_filter()}
     domains: dict[str, etree._Element] = {}
     for vm in dmz.vms:
-        nwfilters.update(render_nwfilters(dmz, vm))
+        nwfilters.update(render_nwfilters(dmz, vm, view.addresses))
         base = load_base(vm.domain_xml) if vm.domain_xml else load_base(xml_dir() / "domain.xml")
         domains[vm.name] = render_domain(dmz, vm, facts, base=base)
         stamp_digest(domains[vm.name])
     network = render_network(dmz)
     stamp_digest(network)
-    return DesiredDMZ(dmz=dmz, network=network, nwfilters=nwfilters,
-                      table=table_name(dmz), nft=render_table(dmz), domains=domains)
+    return DesiredDMZ(dmz=dmz, network=network, nwfilters=nwfilters, table=table_name(dmz),
+                      nft=render_table(dmz, blocks), domains=domains, blocks=blocks, view=view)

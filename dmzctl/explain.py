@@ -11,10 +11,12 @@ dmzctl/render/nft.py renders them:
            4 source outside the DMZ subnet -> spoofed
            5 holes, in config order
            6 to protected -> protected
-           7 egress = "none" -> egress
+           7 implicit blocks: another DMZ, a host or libvirt subnet, a private range
+           8 egress = "none" -> egress
            otherwise the chain's policy accepts (egress = "any")
   input    1 established/related          (not applicable)
-           2 from the DMZ bridge -> to_host
+           2 the host's own multicast looped back (not applicable: explain looks at the DMZ's flows)
+           3 from the DMZ bridge -> to_host
   to_host  3 source outside the DMZ subnet (link-local/unspecified allowed) -> spoofed
            4 holes
            5 DHCP/DNS to the gateway (dhcp on; DNS also to the IPv6 gateway and
@@ -35,6 +37,7 @@ from typing import Iterable, Optional, Union
 
 from .config import DMZ, Hole
 from .errors import DmzctlError
+from .implicit import LOG_REASONS, SET_NAMES, Blocked, HostView, blocks_for, classify
 from .render.nft import log_prefix
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -54,8 +57,9 @@ BROADCAST4 = ipaddress.ip_address("255.255.255.255")
 # order, and tests/test_explain.py checks it against every rendered table.
 ORDER = {
     "forward": ("established", "from-dmz"),
-    "input": ("established", "from-dmz"),
-    "from_dmz": ("within-dmz", "vm-to-vm", "spoofed", "hole", "protected", "egress"),
+    "input": ("established", "host-multicast", "from-dmz"),
+    "from_dmz": ("within-dmz", "vm-to-vm", "spoofed", "hole", "protected", "other-dmz", "host-net", "private",
+                 "egress"),
     "to_host": ("spoofed", "hole", "dhcp", "dns", "dns6", "nd", "host"),
 }
 
@@ -69,10 +73,13 @@ def rule_kind(comment: str) -> str:
         "VM to VM within the DMZ": "within-dmz", "DNS to the gateway (IPv6)": "dns6",
         "to protected IPv4": "protected", "to protected IPv6": "protected", "egress none": "egress",
         "DHCP to the gateway": "dhcp", "DNS to the gateway": "dns", "IPv6 neighbour discovery": "nd",
-        "everything else to the host": "host",
+        "everything else to the host": "host", "the host's own multicast, looped back": "host-multicast",
     }
     if comment.startswith("hole "):
         return "hole"
+    for kind in SET_NAMES:
+        if comment in (f"to {kind} IPv4", f"to {kind} IPv6"):
+            return kind
     return fixed.get(comment, f"unknown: {comment}")
 
 
@@ -123,7 +130,8 @@ class Flow:
 class Decision:
     allowed: bool
     decided_by: str   # hole | protected | host | egress | egress-any | spoofed | vm-to-vm | dhcp | dns | nd |
-    #                   not-from-dmz | libvirt-isolated | libvirt-nat | port-isolation | layer2
+    #                   not-from-dmz | libvirt-isolated | libvirt-nat | port-isolation | layer2 |
+    #                   other-dmz | host-net | private (implicit blocks)
     rule: str         # the nft rule comment (grep `nft list table`), or what else decides
     chain: Optional[str]
     hook: Optional[str]  # forward | input | None (never reaches dmzctl's table)
@@ -362,23 +370,27 @@ def _is_host_destination(dmz: DMZ, dst: IPAddress, host_addresses: frozenset) ->
 
 
 def explain(dmz: DMZ, flow: Flow, host_addresses: Iterable = (),
-            bridge_netfilter: Optional[bool] = None) -> Decision:
+            bridge_netfilter: Optional[bool] = None, blocks: Optional[tuple[Blocked, ...]] = None) -> Decision:
     """The decision for the flow's first packet, and the rules that lead to it.
 
     host_addresses: the host's own addresses (the gateways are always included).
     bridge_netfilter: whether br_netfilter hands bridged frames to the IP hooks
     (/proc/sys/net/bridge/bridge-nf-call-iptables = 1); None when unknown.
+    blocks: the implicit blocks the table holds (implicit.blocks_for with the
+    host's view); None for those known without the host (the private ranges).
     """
     if flow.src is not None and flow.src.version != flow.dst.version:
         raise ExplainError(f"{flow.src} and {flow.dst} are of different IP versions")
+    if blocks is None:
+        blocks = blocks_for(dmz, HostView())
     hosts = host_address_set(dmz, host_addresses)
     if not flow.from_dmz:
         return _from_outside(dmz, flow, hosts)
     if _is_host_destination(dmz, flow.dst, hosts):
         return _to_host(dmz, flow)
     if _in_dmz_subnet(dmz, flow.dst) and not flow.via_host:
-        return _vm_to_vm_bridged(dmz, flow, bridge_netfilter)
-    return _forward(dmz, flow)
+        return _vm_to_vm_bridged(dmz, flow, bridge_netfilter, blocks)
+    return _forward(dmz, flow, blocks)
 
 
 def _from_outside(dmz: DMZ, flow: Flow, hosts: frozenset) -> Decision:
@@ -400,7 +412,7 @@ def _from_outside(dmz: DMZ, flow: Flow, hosts: frozenset) -> Decision:
                     "neither from nor to the DMZ: dmzctl's table does not judge it", trace=trace)
 
 
-def _forward(dmz: DMZ, flow: Flow, walk: Optional[_Walk] = None) -> Decision:
+def _forward(dmz: DMZ, flow: Flow, blocks: tuple[Blocked, ...], walk: Optional[_Walk] = None) -> Decision:
     walk = walk or _Walk(dmz, flow, "forward")
     if _in_dmz_subnet(dmz, flow.dst):
         if dmz.isolate_vms:
@@ -420,13 +432,21 @@ def _forward(dmz: DMZ, flow: Flow, walk: Optional[_Walk] = None) -> Decision:
         return walk.decide(False, "protected", f"to protected IPv{flow.family}", "protected",
                            f"{flow.dst} is inside the protected subnet {net}", log_reason="to-protected")
     walk.trace.append(f"from_dmz 6 {flow.dst} not in @protected{flow.family}")
+    block = classify(blocks, flow.dst)
+    if block is not None:
+        chain = SET_NAMES[block.kind]
+        walk.trace.append(f"from_dmz 7 {flow.dst} in @{chain}{flow.family} ({block.net}): jump {chain}")
+        return walk.decide(False, block.kind, f"to {block.kind} IPv{flow.family}", chain,
+                           f"{flow.dst} is in {block.net}: {block.reason}, blocked without being listed "
+                           f"(a [[dmz.allow]] hole opens it)", log_reason=LOG_REASONS[block.kind])
+    walk.trace.append(f"from_dmz 7 {flow.dst} in no implicit block (other DMZs, host subnets, private ranges)")
     if dmz.egress == "none":
-        walk.trace.append('from_dmz 7 egress = "none": jump egress')
+        walk.trace.append('from_dmz 8 egress = "none": jump egress')
         return walk.decide(False, "egress", "egress none", "egress",
                            'egress = "none": the DMZ reaches nothing beyond its holes', log_reason="egress")
-    walk.trace.append('from_dmz 7 egress = "any": end of chain, policy accept')
+    walk.trace.append('from_dmz 8 egress = "any": end of chain, policy accept')
     decision = walk.decide(True, "egress-any", "forward policy accept", "from_dmz",
-                           'not protected, not the host, and egress = "any"')
+                           'not protected, not the host, not implicitly blocked, and egress = "any"')
     return _after_libvirt(dmz, flow, decision)
 
 
@@ -441,7 +461,8 @@ def _after_libvirt(dmz: DMZ, flow: Flow, decision: Decision) -> Decision:
                                             "mode = \"isolated\"; use route or nat",))
 
 
-def _vm_to_vm_bridged(dmz: DMZ, flow: Flow, bridge_netfilter: Optional[bool]) -> Decision:
+def _vm_to_vm_bridged(dmz: DMZ, flow: Flow, bridge_netfilter: Optional[bool],
+                      blocks: tuple[Blocked, ...]) -> Decision:
     """Another DMZ address, switched on the bridge: nftables sees it only through br_netfilter."""
     subnet = dmz.subnet if flow.family == 4 else dmz.subnet6
     if flow.src is not None and flow.src not in subnet and not (flow.family == 6 and flow.src in LINK_LOCAL6):
@@ -453,7 +474,7 @@ def _vm_to_vm_bridged(dmz: DMZ, flow: Flow, bridge_netfilter: Optional[bool]) ->
         walk = _Walk(dmz, flow, "forward")
         walk.notes.append("switched on the bridge; br_netfilter (bridge-nf-call-iptables = 1) hands it to "
                           "the forward hook as if routed")
-        decision = _forward(dmz, flow, walk)
+        decision = _forward(dmz, flow, blocks, walk)
         if not decision.allowed or not dmz.isolate_vms:
             return decision
     if dmz.isolate_vms:

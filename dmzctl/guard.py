@@ -7,7 +7,12 @@ Event-driven, three sources:
     that DMZ; batches committed by the guard itself (its own restores) are ignored.
     The text form is used, not `-j`: nft 1.0.6's JSON monitor leaves out the
     generation lines, so it cannot tell who made a change.
-  - libvirt events: a DMZ network started, a DMZ VM started or resumed.
+  - libvirt events: a DMZ network started, a DMZ VM started or resumed; any
+    network defined, started, stopped or removed (the host's networks changed).
+  - `ip monitor address` (a child process): an address added to or removed from
+    any interface. The table blocks every host subnet and every other DMZ
+    (dmzctl/implicit.py), so a change to those makes every table stale: the host
+    view is read again and the tables that differ are re-applied.
   - a slow periodic re-check of every DMZ (a safety net, `--interval`).
 A check compares the live table with the config's (the form the kernel lists,
 computed once per config version) and re-applies the whole table in one
@@ -34,7 +39,8 @@ from typing import Any, Callable, Optional
 from . import events
 from .config import DMZ, default_config_paths, load_dmz
 from .errors import DmzctlError, HostError
-from .host import nft
+from .host import facts, nft
+from .implicit import HostView, blocks_for
 from .render.nft import FAMILY, apply_batch, table_name
 
 Say = Callable[[str], None]
@@ -55,13 +61,16 @@ class Target:
     batch: Optional[dict] = None
     want: Any = None
     error: Optional[str] = None
+    view: Optional[HostView] = None  # the host view `batch` was rendered with
+    loaded_stamp: tuple = ()  # the file version `dmz` was read from
 
     @property
     def table(self) -> Optional[str]:
         return table_name(self.dmz) if self.dmz else None
 
-    def refresh(self, say: Say) -> bool:
-        """Re-read the config when the file changed. Keeps the last good one on error. True if it changed."""
+    def refresh(self, say: Say, view: HostView = HostView()) -> bool:
+        """Re-read the config when the file changed, re-render when the host view did.
+        Keeps the last good one on error. True if it changed."""
         try:
             stat = self.path.stat()
             stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
@@ -70,18 +79,19 @@ class Target:
                 self.error = str(error)
                 say(f"guard: {self.path}: {error.strerror}; keeping the last good version")
             return False
-        if stamp == self.stamp:
+        if stamp == self.stamp and view == self.view:
             return False
         self.stamp = stamp
         try:
-            dmz = load_dmz(self.path)
-            batch = apply_batch(dmz)
+            dmz = load_dmz(self.path) if self.dmz is None or stamp != self.loaded_stamp else self.dmz
+            batch = apply_batch(dmz, blocks_for(dmz, view))
             want = nft.kernel_form(batch, table_name(dmz))
         except DmzctlError as error:
             self.error = str(error).splitlines()[0]
             say(f"guard: {self.path}: {self.error}; keeping the last good version")
             return False
-        self.dmz, self.batch, self.want, self.error = dmz, batch, want, None
+        self.dmz, self.batch, self.want, self.error, self.view = dmz, batch, want, None, view
+        self.loaded_stamp = stamp
         return True
 
 
@@ -115,6 +125,9 @@ class Guard:
         self.virt_callbacks: list[tuple[str, int]] = []
         self.next_connect = 0.0
         self.restores = 0
+        self.view = HostView()
+        self.addresses: Optional[subprocess.Popen] = None
+        self.view_due: Optional[float] = None  # when to read the host view again
 
     # --- configs ----------------------------------------------------------
 
@@ -125,7 +138,7 @@ class Guard:
             path = Path(path).resolve()
             seen.add(path)
             target = self.by_path.setdefault(path, Target(path))
-            target.refresh(self.say)
+            target.refresh(self.say, self.view)
         for path in list(self.by_path):
             if path not in seen:
                 del self.by_path[path]
@@ -209,6 +222,50 @@ class Guard:
         for name, line in sorted(pending.first.items()):
             self.schedule(name, f"'{_short(line)}' by {who}")
 
+    # --- the host's networks --------------------------------------------
+
+    def read_view(self, why: str) -> None:
+        """Read the host view; when it changed, every DMZ's table is checked against it."""
+        try:
+            view = facts.host_view()
+        except DmzctlError as error:
+            self.say(f"guard: cannot read the host's networks ({error}); keeping the last view")
+            return
+        if view != self.view:
+            self.view = view
+            self.check_all(f"host networks changed ({why})")
+
+    def start_address_monitor(self) -> None:
+        binary = shutil.which("ip")
+        if binary is None:
+            raise HostError("ip (iproute2) is needed for the guard's address monitor")
+        self.addresses = subprocess.Popen([binary, "-o", "monitor", "address"], stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+                                          bufsize=1)
+        process = self.addresses
+
+        def read():
+            for line in process.stdout:
+                self.events.put(("address", line.strip()))
+
+        threading.Thread(target=read, name="ip-monitor", daemon=True).start()
+
+    def stop_address_monitor(self) -> None:
+        process, self.addresses = self.addresses, None
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=3)
+
+    def view_changed_soon(self, why: str) -> None:
+        # Addresses come in bursts (an interface up brings several): read once, shortly after.
+        if self.view_due is None:
+            self.view_due = time.monotonic() + 0.2
+            self.view_why = why
+
     # --- libvirt ----------------------------------------------------------
 
     def connect_libvirt(self) -> None:
@@ -273,6 +330,7 @@ class Guard:
 
         if event == libvirt.VIR_NETWORK_EVENT_STARTED and name in self.targets:
             self.schedule(name, f"network {name} started")
+        self.view_changed_soon(f"libvirt network {name}")
 
     def on_domain(self, name: str, event: int) -> None:
         from .host.virt import libvirt, owner_of
@@ -302,7 +360,7 @@ class Guard:
         target = self.targets.get(name)
         if target is None:
             return True
-        target.refresh(self.say)
+        target.refresh(self.say, self.view)
         dmz = target.dmz
         if not Path(f"/sys/class/net/{dmz.bridge}").exists():
             return True  # the DMZ is not up: nothing to guard
@@ -338,6 +396,9 @@ class Guard:
 
     def run_due(self) -> None:
         now = time.monotonic()
+        if self.view_due is not None and self.view_due <= now:
+            self.view_due = None
+            self.read_view(self.view_why)
         for name, (when, why) in sorted(self.due.items(), key=lambda item: item[1][0]):
             if when > now:
                 continue
@@ -360,6 +421,8 @@ class Guard:
             timeout = until - time.monotonic()
             if self.due:
                 timeout = min(timeout, min(when for when, _ in self.due.values()) - time.monotonic())
+            if self.view_due is not None:
+                timeout = min(timeout, self.view_due - time.monotonic())
             if self.pending.first:
                 timeout = min(timeout, self.pending.since + BATCH_TIMEOUT - time.monotonic())
             try:
@@ -391,6 +454,8 @@ class Guard:
                 self.check_all("nft monitor restarted")
         elif kind == "network":
             self.on_network(item[1], item[2])
+        elif kind == "address":
+            self.view_changed_soon(f"address change: {_short(item[1])}")
         elif kind == "domain":
             self.on_domain(item[1], item[2])
         elif kind == "libvirt-closed":
@@ -406,10 +471,12 @@ class Guard:
         previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.hangup)
         try:
+            self.view = facts.host_view()
             self.load_targets()
             if not self.targets:
                 self.say("guard: no DMZ configured yet; watching for configs at each re-check (or SIGHUP)")
             self.start_monitor()
+            self.start_address_monitor()
             self.connect_libvirt()
             self.check_all("guard started")
             self.run_due()
@@ -422,6 +489,7 @@ class Guard:
                 self.drain(until=min(next_sweep, time.monotonic() + 1.0))
                 if self.reload_requested or time.monotonic() >= next_sweep:
                     self.reload_requested = False
+                    self.read_view("periodic re-check")
                     self.load_targets()
                     self.check_all("periodic re-check")
                     next_sweep = time.monotonic() + self.interval
@@ -434,6 +502,7 @@ class Guard:
             return 0
         finally:
             self.stop_monitor()
+            self.stop_address_monitor()
             self.drop_libvirt()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -90,13 +91,50 @@ def _write(path: Path, text: str, mode: int) -> bool:
 
 
 def running_daemons() -> dict[str, list[int]]:
-    found = {}
-    for daemon in DAEMONS:
-        result = subprocess.run(["pgrep", "-x", daemon], capture_output=True, text=True)
-        pids = [int(p) for p in result.stdout.split()]
-        if pids:
-            found[daemon] = pids
-    return found
+    """libvirt's daemons by name, from /proc (what `pgrep -x` would find)."""
+    found: dict[str, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = (entry / "comm").read_text().strip()
+        except OSError:
+            continue  # ended meanwhile
+        if name in DAEMONS:
+            found.setdefault(name, []).append(int(entry.name))
+    return {name: sorted(pids) for name, pids in sorted(found.items())}
+
+
+def hooks_dir() -> Path:
+    """Where libvirt looks for hooks; tests point $DMZCTL_HOOKS_DIR elsewhere."""
+    return Path(os.environ.get("DMZCTL_HOOKS_DIR") or HOOKS_DIR)
+
+
+def missing_hooks(directory: Optional[Path] = None) -> list[str]:
+    """The hook files that are absent or not dmzctl's: a dmzctl VM started from virsh or
+    virt-manager without its table is then not refused."""
+    directory = directory or hooks_dir()
+    return [str(directory / f"{kind}.d" / "dmzctl") for kind in HOOKS
+            if not _ours(directory / f"{kind}.d" / "dmzctl")]
+
+
+def ensure_hooks(directory: Optional[Path] = None) -> list[str]:
+    """Install the hooks when missing or outdated, and make libvirtd read them (SIGHUP): it
+    looks for hooks only at its start or reload. Returns what changed, one line each."""
+    directory = directory or hooks_dir()
+    report = Report()
+    if not install_hooks(report, directory):
+        return []
+    changed = [line for line in report.lines if "installed" in line and "already" not in line]
+    if directory == HOOKS_DIR:
+        for name, pids in running_daemons().items():
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    continue
+                changed.append(f"hooks: told {name} (pid {pid}) to read them (SIGHUP)")
+    return changed
 
 
 def install_hooks(report: Report, hooks_dir: Path = HOOKS_DIR, interpreter: Optional[str] = None) -> bool:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from . import events
+from . import events, install
 from .config import DMZ
 from .desired import DesiredDMZ, build
 from .errors import DmzctlError, HostError, LockedError
-from .host import nft
+from .host import facts, nft
 from .host.virt import Virt, check_owned, domains_of, owner_of
 from .plan import decide_domain, decide_firewall, decide_network, decide_nwfilters, same_filter
 from .render.base import to_string
@@ -92,6 +92,11 @@ def host_facts(virt: Virt, dmz: DMZ) -> HostFacts:
             if detected:
                 formats[disk] = detected
     return HostFacts(kvm_usable=virt.kvm_usable(), virt_type_override=override, disk_formats=formats)
+
+
+def desired_state(virt: Virt, dmz: DMZ) -> DesiredDMZ:
+    """The DMZ as `up` would make it on this host now: with the host's facts and networks."""
+    return build(dmz, host_facts(virt, dmz), facts.host_view())
 
 
 def _image_format(path: Path) -> Optional[str]:
@@ -207,7 +212,7 @@ def apply_firewall(desired: DesiredDMZ, outcome: Outcome, undo: Optional[Undo]) 
     existed = nft.table_exists(desired.table)
     if existed and firewall_in_sync(desired):
         return
-    nft.apply(apply_batch(desired.dmz))
+    nft.apply(apply_batch(desired.dmz, desired.blocks))
     if not nft.table_exists(desired.table):
         raise HostError(f"nftables accepted table {desired.table} but it is not there; refusing to go on")
     outcome.change(f"firewall table inet {desired.table} {'updated' if existed else 'applied'}")
@@ -217,13 +222,17 @@ def apply_firewall(desired: DesiredDMZ, outcome: Outcome, undo: Optional[Undo]) 
 
 
 def up(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, restart_changed: bool = False,
-       say: Say = print) -> Outcome:
+       say: Say = print, hooks: bool = True) -> Outcome:
+    """hooks: make sure libvirt's hooks refuse this DMZ's VMs without their table, whoever starts them."""
     vm_names = selected_vms(dmz, only)
-    desired = build(dmz, host_facts(virt, dmz))
+    desired = desired_state(virt, dmz)
     preflight(virt, desired, vm_names)
     outcome = Outcome(dmz.name, say)
     for warning in bridge_netfilter_warnings(dmz):
         say(f"{dmz.name}: WARNING: {warning}")
+    if hooks:
+        for line in install.ensure_hooks():
+            outcome.change(line)
     undo = Undo(say)
     try:
         _up_network(virt, desired, outcome, undo)
@@ -233,6 +242,8 @@ def up(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, restart_changed: 
         # Fail closed: re-check both layers right before any VM may run.
         if not nft.table_exists(desired.table):
             raise HostError(f"firewall table {desired.table} is missing; no VM is started without it")
+        # The other DMZs must block this one's subnets before its VMs run (and vice versa).
+        refresh_other_tables(dmz, outcome)
         for name in vm_names:
             _up_domain(virt, desired, name, restart_changed, outcome, undo, say)
     except BaseException:
@@ -241,6 +252,41 @@ def up(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, restart_changed: 
         undo.run()
         raise
     return outcome
+
+
+def refresh_other_tables(dmz: DMZ, outcome: Outcome) -> None:
+    """Re-apply every other live DMZ table that the host's networks have made stale.
+
+    Their configs are found through their networks' metadata. A DMZ held by another
+    dmzctl run is left to it (it renders with the view it reads), as is one whose
+    table an admin took down on purpose.
+    """
+    from .config import load_dmz
+    from .implicit import blocks_for
+    from .render.nft import table_name
+
+    view = facts.host_view()
+    others = {network.dmz: network.config for network in view.networks
+              if network.dmz and network.dmz != dmz.name and network.config}
+    for name, config in sorted(others.items()):
+        try:
+            other = load_dmz(Path(config))
+        except DmzctlError as error:
+            outcome.pending.append(f"DMZ {name}: its table could not be refreshed: {str(error).splitlines()[0]}")
+            continue
+        if other.name != name or held_down_marker(name).exists() or not nft.table_exists(table_name(other)):
+            continue
+        batch = apply_batch(other, blocks_for(other, view))
+        try:
+            with dmz_lock(name, timeout=0):
+                if nft.canonical(nft.list_table(table_name(other))) == nft.kernel_form(batch, table_name(other)):
+                    continue
+                nft.apply(batch)
+        except LockedError:
+            continue
+        outcome.change(f"firewall table inet {table_name(other)} of DMZ {name} refreshed (the host's networks "
+                       f"changed)")
+        events.record(f"dmz={name} firewall table {table_name(other)} refreshed by dmzctl up of {dmz.name}")
 
 
 def _up_network(virt: Virt, desired: DesiredDMZ, outcome: Outcome, undo: Undo) -> None:
@@ -262,7 +308,7 @@ def _up_network(virt: Virt, desired: DesiredDMZ, outcome: Outcome, undo: Undo) -
         virt.start_network(net)
         outcome.change(f"network {dmz.name} started")
         if not was_defined_here:
-            undo.add(f"network {dmz.name} start", lambda: net.destroy())
+            undo.add(f"network {dmz.name} start", lambda: virt.stop_network(net))
     elif decision.autostart:
         virt.start_network(net)
 
@@ -301,7 +347,7 @@ def _up_domain(virt: Virt, desired: DesiredDMZ, name: str, restart_changed: bool
         elif decision.outdated:
             outcome.pending.append(f"VM {name}: the new definition applies at its next start "
                                    f"(dmzctl up --restart-changed)")
-    if bool(dom.autostart()) != vm.autostart:
+    if virt.domain_autostart(dom) != vm.autostart:
         virt.set_autostart(dom, vm.autostart)
     if not virt.is_running(dom):
         say(f"{dmz.name}: starting {name}")
@@ -351,7 +397,9 @@ def stop_domains(virt: Virt, dmz: DMZ, names: list[str], timeout: Optional[float
             events.record(f"dmz={dmz.name} vm={name} powered off")
         else:
             virt.destroy_domain(dom)
-            virt.wait_for(lambda: virt.is_off(dom), 30)
+            if not virt.wait_for(lambda: virt.is_off(dom), 30):
+                # The firewall goes only once libvirt has confirmed every VM is off.
+                raise HostError(f"VM {name} is still not off 30 s after destroy; its DMZ's firewall stays")
             report.append(f"VM {name} did not power off within its timeout: destroyed")
             events.record(f"dmz={dmz.name} vm={name} destroyed after shutdown timeout")
     return report
@@ -391,6 +439,7 @@ def down(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, timeout: Option
         nft.apply(delete_batch(table))
         outcome.change(f"firewall table inet {table} removed")
         events.record(f"dmz={dmz.name} firewall table {table} removed")
+    refresh_other_tables(dmz, outcome)
     return outcome
 
 
@@ -426,7 +475,8 @@ def kill(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, say: Say = prin
         if owner_of(virt.domain_xml(dom, inactive=False)) != dmz.name:
             continue
         virt.destroy_domain(dom)
-        virt.wait_for(lambda: virt.is_off(dom), 30)
+        if not virt.wait_for(lambda: virt.is_off(dom), 30):
+            raise HostError(f"VM {name} is still not off 30 s after destroy")
         outcome.change(f"VM {name} destroyed")
         events.record(f"dmz={dmz.name} vm={name} killed (destroyed)")
     return outcome
@@ -441,10 +491,14 @@ def firewall_up(dmz: DMZ, say: Say = print) -> Outcome:
 
 
 def build_table_only(dmz: DMZ) -> DesiredDMZ:
+    """The table alone, with the host's networks as they are now."""
+    from .implicit import blocks_for
     from .render.nft import render_table, table_name
 
-    return DesiredDMZ(dmz=dmz, network=None, nwfilters={}, table=table_name(dmz), nft=render_table(dmz),
-                      domains={})
+    view = facts.host_view()
+    blocks = blocks_for(dmz, view)
+    return DesiredDMZ(dmz=dmz, network=None, nwfilters={}, table=table_name(dmz), nft=render_table(dmz, blocks),
+                      domains={}, blocks=blocks, view=view)
 
 
 def firewall_down(virt: Virt, dmz: DMZ, force: bool = False, say: Say = print) -> Outcome:
@@ -452,8 +506,10 @@ def firewall_down(virt: Virt, dmz: DMZ, force: bool = False, say: Say = print) -
     outcome = Outcome(dmz.name, say)
     running = [n for n in domains_of(virt, dmz.name) if virt.domain_info(n).running]
     if running and not force:
-        raise DmzctlError(f"DMZ {dmz.name}: VMs {', '.join(running)} are running; removing the firewall would "
-                          f"leave them unprotected. Stop them first, or use --force")
+        which = f"VM {running[0]} is" if len(running) == 1 else f"VMs {', '.join(running)} are"
+        raise DmzctlError(f"DMZ {dmz.name}: {which} running; removing the firewall would "
+                          f"leave {'it' if len(running) == 1 else 'them'} unprotected. Stop "
+                          f"{'it' if len(running) == 1 else 'them'} first, or use --force")
     table = f"dmzctl-{dmz.name}"
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
     held_down_marker(dmz.name).touch()

@@ -46,10 +46,10 @@ def decide_network(virt: Virt, desired: DesiredDMZ) -> NetworkDecision:
     if net is None:
         return NetworkDecision(None, xml, None, "new", start=True, autostart=False, pending=False)
     live = virt.network_xml(net)
-    active = bool(net.isActive())
+    active = virt.network_active(net)
     define = "update" if digest_of(live) != digest_of(xml) else None
     return NetworkDecision(net, xml, live, define, start=not active,
-                           autostart=active and not net.autostart(), pending=define is not None and active)
+                           autostart=active and not virt.network_autostart(net), pending=define is not None and active)
 
 
 @dataclass
@@ -111,7 +111,7 @@ class FirewallDecision:
 def decide_firewall(desired: DesiredDMZ) -> FirewallDecision:
     """Compare the live table with the config's, as the kernel lists both (no comparison when absent)."""
     live = nft.canonical(nft.list_table(desired.table))
-    want = nft.kernel_form(apply_batch(desired.dmz), desired.table) if live is not None else None
+    want = nft.kernel_form(apply_batch(desired.dmz, desired.blocks), desired.table) if live is not None else None
     return FirewallDecision(desired.table, live, want)
 
 
@@ -178,10 +178,10 @@ class Plan:
 def compute(virt: Virt, dmz: DMZ, only: Optional[list[str]] = None, restart_changed: bool = False,
             diffs: bool = True) -> Plan:
     """What `up` (with the same options) would do, in its order. Raises what up's checks raise."""
-    from .lifecycle import host_facts, preflight, selected_vms
+    from .lifecycle import desired_state, preflight, selected_vms
 
     vm_names = selected_vms(dmz, only)
-    desired = build(dmz, host_facts(virt, dmz))
+    desired = desired_state(virt, dmz)
     preflight(virt, desired, vm_names)
     plan = Plan(dmz.name, str(dmz.source))
 
@@ -338,7 +338,7 @@ def _normal_text(text: str) -> list[str]:
 
 def firewall_diff(desired: DesiredDMZ) -> list[str]:
     """Rules, chains and set elements added/removed between the live table and the config's."""
-    want = _normal_text(nft.kernel_text(apply_batch(desired.dmz), desired.table))
+    want = _normal_text(nft.kernel_text(apply_batch(desired.dmz, desired.blocks), desired.table))
     live_text = nft.list_table_text(desired.table)
     if live_text is None:
         return [f"+ {line}" for line in want]

@@ -8,6 +8,7 @@ from typing import Optional
 from .config import DMZ
 from .desired import build
 from .errors import ConfigError
+from .implicit import HostView
 from .render.base import to_string
 from .render.domain import HostFacts
 from .render.nft import apply_batch
@@ -15,7 +16,7 @@ from .render.nft import apply_batch
 WHAT = ("all", "network", "nwfilter", "nft", "domain:NAME")
 
 
-def render_text(dmzs: list[DMZ], what: str, virt_type: Optional[str] = None) -> str:
+def render_text(dmzs: list[DMZ], what: str, virt_type: Optional[str] = None, view: HostView = HostView()) -> str:
     if virt_type not in (None, "kvm", "qemu"):
         raise ConfigError([f"--virt-type: must be kvm or qemu; got {virt_type!r}"])
     if what not in ("all", "network", "nwfilter", "nft") and not what.startswith("domain:"):
@@ -24,13 +25,13 @@ def render_text(dmzs: list[DMZ], what: str, virt_type: Optional[str] = None) -> 
     parts: list[str] = []
     found_domain = False
     for dmz in dmzs:
-        desired = build(dmz, facts)
+        desired = build(dmz, facts, view)
         if what in ("all", "network"):
             parts.append(to_string(desired.network))
         if what in ("all", "nwfilter"):
             parts.extend(to_string(element) for element in desired.nwfilters.values())
         if what in ("all", "nft"):
-            parts.append(json.dumps(apply_batch(dmz), indent=2) + "\n")
+            parts.append(json.dumps(apply_batch(dmz, desired.blocks), indent=2) + "\n")
         for name, element in desired.domains.items():
             if what == "all" or what == f"domain:{name}":
                 parts.append(to_string(element))

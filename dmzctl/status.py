@@ -10,7 +10,8 @@ from .config import DMZ
 from .desired import build
 from .host import nft
 from .host.virt import Virt, digest_of, owner_of
-from .lifecycle import bridge_netfilter_warnings, firewall_in_sync, host_facts
+from .install import missing_hooks
+from .lifecycle import bridge_netfilter_warnings, desired_state, firewall_in_sync
 from .render.base import to_string
 
 
@@ -34,6 +35,7 @@ class DMZStatus:
     vms: list[VMStatus]
     problems: list[str]
     warnings: list[str] = field(default_factory=list)
+    hooks: str = "installed"  # installed | missing
 
     @property
     def ok(self) -> bool:
@@ -46,7 +48,7 @@ class DMZStatus:
 
 
 def dmz_status(virt: Virt, dmz: DMZ) -> DMZStatus:
-    desired = build(dmz, host_facts(virt, dmz))
+    desired = desired_state(virt, dmz)
     problems: list[str] = []
     net = virt.network(dmz.name)
     network_ok = False
@@ -58,14 +60,15 @@ def dmz_status(virt: Virt, dmz: DMZ) -> DMZStatus:
         network = "foreign"
         problems.append(f"network {dmz.name} exists but is not this DMZ's")
     else:
-        network = "active" if net.isActive() else "inactive"
+        active = virt.network_active(net)
+        network = "active" if active else "inactive"
         live = virt.network_xml(net, inactive=False)
-        network_ok = net.isActive() and digest_of(live) == digest_of(to_string(desired.network))
-        if not net.isActive():
+        network_ok = active and digest_of(live) == digest_of(to_string(desired.network))
+        if not active:
             problems.append(f"network {dmz.name} is not active")
         elif not network_ok:
             problems.append(f"network {dmz.name} differs from the config")
-        leases = virt.dhcp_leases(net) if net.isActive() else []
+        leases = virt.dhcp_leases(net) if active else []
 
     if not nft.table_exists(desired.table):
         firewall = "absent"
@@ -100,14 +103,20 @@ def dmz_status(virt: Virt, dmz: DMZ) -> DMZStatus:
             if lease.get("mac", "").lower() == vm.mac and lease.get("ipaddr") not in status.addresses:
                 status.addresses.append(lease["ipaddr"])
         vms.append(status)
+    missing = missing_hooks()
+    if missing:
+        problems.append(f"libvirt hooks missing ({', '.join(missing)}): virsh or virt-manager could start a VM "
+                        f"of this DMZ without its firewall table; 'dmzctl up' installs them")
     return DMZStatus(name=dmz.name, config=str(dmz.source), network=network, network_as_configured=network_ok,
-                     firewall=firewall, vms=vms, problems=problems, warnings=bridge_netfilter_warnings(dmz))
+                     firewall=firewall, vms=vms, problems=problems, warnings=bridge_netfilter_warnings(dmz),
+                     hooks="missing" if missing else "installed")
 
 
 def format_status(status: DMZStatus) -> str:
     lines = [f"DMZ {status.name} ({status.config}): {'OK' if status.ok else 'NOT AS CONFIGURED'}",
              f"  network   {status.network}{'' if status.network_as_configured or status.network != 'active' else ' (differs from config)'}",
-             f"  firewall  {status.firewall}"]
+             f"  firewall  {status.firewall}",
+             f"  hooks     {status.hooks}"]
     for vm in status.vms:
         uptime = f", up {_duration(vm.uptime_s)}" if vm.uptime_s is not None else ""
         addresses = f", {' '.join(vm.addresses)}" if vm.addresses else ""

@@ -338,7 +338,7 @@ def agent_main() -> None:
 @dataclass
 class Probe:
     id: str
-    kind: str   # protected | host | dns-gateway | hole | hole-edge | target
+    kind: str   # protected | host | dns-gateway | hole | hole-edge | target | other-dmz | host-net | private
     dst: object
     proto: str
     port: Optional[int] = None
@@ -399,19 +399,44 @@ def sample_address(net):
     return net.network_address + 1
 
 
+# The sample that matters most in a range: the cloud metadata service an attacker asks first.
+PREFERRED_SAMPLES = {ipaddress.ip_network("169.254.0.0/16"): ipaddress.ip_address("169.254.169.254")}
+
+
+def implicit_sample(net, hosts) -> Optional[object]:
+    """An address of an implicitly blocked prefix that is not one of the host's own (a host address
+    is judged by the to-host rules, and the row would not test the class): None when there is none."""
+    if PREFERRED_SAMPLES.get(net) is not None and PREFERRED_SAMPLES[net] not in hosts:
+        return PREFERRED_SAMPLES[net]
+    if net.num_addresses <= 2:
+        return None if net.network_address in hosts else net.network_address
+    for offset in range(2, min(net.num_addresses - 1, 18)):
+        candidate = net.network_address + offset
+        if candidate not in hosts:
+            return candidate
+    return None
+
+
 def _edge_port(ports: tuple[int, int]) -> int:
     return ports[1] + 1 if ports[1] < 65535 else ports[0] - 1
 
 
 def plan(dmz, src4, src6, host_addresses: Iterable = (), targets: Iterable = (),
-         bridge_netfilter: Optional[bool] = None) -> tuple[list[Probe], list[str]]:
+         bridge_netfilter: Optional[bool] = None, blocks=None,
+         skip: Iterable = ()) -> tuple[list[Probe], list[str]]:
     """The probes for one DMZ from (src4, src6), each with the policy's expected decision.
 
-    targets: (address, port or None) pairs. Returns (probes, notes about what is not probed).
+    targets: (address, port or None) pairs. blocks: the implicit blocks the table holds
+    (None: those known without the host). skip: prefixes never probed.
+    Returns (probes, notes about what is not probed).
     """
     from .explain import Flow, explain, host_address_set
+    from .implicit import HostView, blocks_for
 
+    if blocks is None:
+        blocks = blocks_for(dmz, HostView())
     hosts = host_address_set(dmz, host_addresses)
+    skip_nets = [ipaddress.ip_network(s, strict=False) for s in skip]
     probes: list[Probe] = []
     seen: set = set()
     notes: list[str] = []
@@ -421,14 +446,14 @@ def plan(dmz, src4, src6, host_addresses: Iterable = (), targets: Iterable = (),
         if proto == "icmp" and dst.version == 6:
             proto = "icmpv6"
         src = src4 if dst.version == 4 else src6
-        if src is None:
+        if src is None or any(dst.version == net.version and dst in net for net in skip_nets):
             return
         key = (dst, proto, port, icmp_type)
         if key in seen:
             return
         seen.add(key)
         flow = Flow(dst=dst, proto=proto, src=src, port=port, icmp_type=icmp_type)
-        decision = explain(dmz, flow, hosts, bridge_netfilter)
+        decision = explain(dmz, flow, hosts, bridge_netfilter, blocks)
         probes.append(Probe(id=f"p{len(probes) + 1}", kind=kind, dst=dst, proto=proto, port=port,
                             icmp_type=icmp_type, note=note, expected=decision))
 
@@ -453,6 +478,15 @@ def plan(dmz, src4, src6, host_addresses: Iterable = (), targets: Iterable = (),
                 else "the host's own address")
         if address in gateways:
             add("dns-gateway", address, "tcp", 53, note="DNS to the gateway")
+    for block in blocks:
+        if block.net.version == 6 and block.net.is_link_local:
+            continue  # never routed: from the DMZ an IPv6 link-local address can only be the host's
+        sample = implicit_sample(block.net, hosts)
+        if sample is None:
+            notes.append(f"{block.reason} ({block.net}) not probed: it holds only the host's own addresses")
+            continue
+        for proto, port in SAMPLE_PROBES:
+            add(block.kind, sample, proto, port, note=f"sample of {block.reason} ({block.net})")
     for address, port in targets:
         add("target", address, "tcp", port or 443, note="explicit target")
         add("target", address, "icmp", note="explicit target")
@@ -463,7 +497,39 @@ def plan(dmz, src4, src6, host_addresses: Iterable = (), targets: Iterable = (),
     return probes, notes
 
 
-# --- the host: addresses, br_netfilter ----------------------------------------
+# --- the host: addresses, routes, br_netfilter ----------------------------------
+
+IMPLICIT_KINDS = ("other-dmz", "host-net", "private")
+
+
+def route_of(address) -> Optional[dict]:
+    """How the host routes an address (`ip -j route get`); None when it has no route."""
+    result = subprocess.run(["ip", "-j", "route", "get", str(address)], capture_output=True, text=True, timeout=10)
+    if result.returncode != 0:
+        return None
+    routes = json.loads(result.stdout or "[]")
+    return routes[0] if routes else None
+
+
+def stay_on_this_host(probes: list[Probe]) -> tuple[list[Probe], list[str]]:
+    """Drop the samples of implicit blocks that the host routes through a gateway: nobody listed
+    them, so verify sends them nothing that could leave this machine if the table failed. Samples
+    on the host's own links (another DMZ, a libvirt network, a directly attached subnet) stay."""
+    kept, notes, judged = [], [], {}
+    for probe in probes:
+        if probe.kind in IMPLICIT_KINDS:
+            if probe.dst not in judged:
+                route = route_of(probe.dst)
+                judged[probe.dst] = route is not None and "gateway" not in route and route.get("type") != "unreachable"
+                if not judged[probe.dst]:
+                    via = f"via {route['gateway']} on {route.get('dev')}" if route and "gateway" in route else "nowhere"
+                    notes.append(f"{probe.note.removeprefix('sample of ')}: not probed: the host routes "
+                                 f"{probe.dst} {via}, beyond this machine")
+            if not judged[probe.dst]:
+                continue
+        kept.append(probe)
+    return kept, notes
+
 
 def host_addresses_from_ip_json(data: list, skip: Iterable = ()) -> list:
     """Global addresses from `ip -j addr`, minus loopback, link-local and the --skip prefixes."""
@@ -838,10 +904,11 @@ def verify(dmz, targets: Iterable = (), skip: Iterable = (), host_addresses: Opt
     if not Path(f"/sys/class/net/{dmz.bridge}/bridge").exists():
         raise HostError(f"DMZ {dmz.name}: bridge {dmz.bridge} does not exist; bring the DMZ up first (dmzctl up)")
     before = _table_state(dmz)
+    table_now = build_table_only(dmz)
     if before is None:
         report.problems.append(f"firewall table inet dmzctl-{dmz.name} is absent: nothing but the per-VM "
                                f"nwfilters protects the LAN and the host")
-    elif not firewall_in_sync(build_table_only(dmz)):
+    elif not firewall_in_sync(table_now):
         report.problems.append(f"firewall table inet dmzctl-{dmz.name} differs from the config "
                                f"(dmzctl status; dmzctl firewall up)")
 
@@ -870,8 +937,10 @@ def verify(dmz, targets: Iterable = (), skip: Iterable = (), host_addresses: Opt
         from .explain import parse_target
 
         parsed_targets.append(parse_target(str(target)))
-    probes, notes = plan(dmz, address, address6, host_addresses, parsed_targets, bridge_netfilter)
-    report.probes, report.notes = probes, notes
+    probes, notes = plan(dmz, address, address6, host_addresses, parsed_targets, bridge_netfilter,
+                         table_now.blocks, skip)
+    probes, beyond = stay_on_this_host(probes)
+    report.probes, report.notes = probes, notes + beyond
 
     def on_signal(signum, _frame):
         raise Interrupted(signum)

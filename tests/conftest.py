@@ -23,3 +23,13 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.longrepr = f"skipped under scripts/test.sh, which must provide everything: {reason}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_hooks_dir(tmp_path_factory):
+    """`dmzctl up` installs libvirt's hooks by default. The suite keeps them in a directory of its
+    own, so that libvirtd on this machine is neither changed nor signalled by every test; the tests
+    about the hooks themselves point DMZCTL_HOOKS_DIR at /etc/libvirt/hooks and clean up after."""
+    if "DMZCTL_HOOKS_DIR" not in os.environ:
+        os.environ["DMZCTL_HOOKS_DIR"] = str(tmp_path_factory.mktemp("libvirt-hooks"))
+    yield os.environ["DMZCTL_HOOKS_DIR"]

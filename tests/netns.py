@@ -6,7 +6,10 @@ Nothing is ever sent to the machine's own link (192.0.2.0/24, fd00::/64).
 
   dmzt-lan  the protected LAN: 10.232.0.{10,25,53}, fdd0:232::{10,25,53};
             the host's LAN address is 10.232.0.1 / fdd0:232::1 (veth dmzt-lan-h)
-  dmzt-wan  "the internet": 10.233.0.100 / fdd0:233::100; host 10.233.0.1 / fdd0:233::1
+  dmzt-wan  the host's uplink router: 10.233.0.100 / fdd0:233::100 on the link 10.233.0.0/24 /
+            fdd0:233::/64 (host 10.233.0.1 / fdd0:233::1), and behind it, routed by the host
+            through it: "the internet" 198.18.33.100 / 2001:db8:33::100 (not private: egress
+            reaches it) and a private network 172.16.33.100 / fd99:33::100 (blocked unlisted)
   dmzt-<vm> DMZ "VMs": a veth whose host end is a port of the DMZ bridge
 
 Sinks (`python tests/netns.py sink ...`) listen on TCP and UDP ports and hold raw
@@ -211,6 +214,11 @@ def wait_until(predicate, limit: float, step: float = 0.1) -> bool:
 
 LAN_HOST = ["10.232.0.1/24", "fdd0:232::1/64"]   # the host's own LAN address
 WAN_HOST = ["10.233.0.1/24", "fdd0:233::1/64"]   # the host's own "wan" address
+# Beyond the wan router (routes on the host): the internet, and a private network out there.
+INTERNET = ("198.18.33.100", "2001:db8:33::100")
+PRIVATE_BEYOND = ("172.16.33.100", "fd99:33::100")
+BEYOND_ROUTES = [("198.18.33.0/24", "10.233.0.100"), ("2001:db8:33::/64", "fdd0:233::100"),
+                 ("172.16.33.0/24", "10.233.0.100"), ("fd99:33::/64", "fdd0:233::100")]
 HOST_ADDRESSES = ["10.232.0.1", "fdd0:232::1", "10.233.0.1", "fdd0:233::1"]  # besides the DMZ gateways
 DMZ_GATEWAYS = ["10.231.0.1", "fdd0:231::1"]
 SINK_RAW = [1, 58, 47, 132]
@@ -229,6 +237,7 @@ class World:
         self.workdir = workdir
         self.nodes: dict[str, Node] = {}
         self.host_sink: Optional[Sink] = None
+        self.routes: list[tuple[str, str]] = []  # host routes through the wan router
 
     def __enter__(self) -> "World":
         cleanup_stale()
@@ -240,7 +249,13 @@ class World:
                             LAN_TCP, LAN_UDP, SINK_RAW)
             wan = self._node("wan", ["10.233.0.100/24", "fdd0:233::100/64"], ["10.233.0.1", "fdd0:233::1"],
                              host_addresses=WAN_HOST)
-            wan.sink = Sink(self.workdir, "wan", wan.netns, [wan.ip4, wan.ip6], VM_TCP, VM_UDP, SINK_RAW)
+            beyond = list(INTERNET + PRIVATE_BEYOND)
+            for address in beyond:
+                wan.add_address(f"{address}/{128 if ':' in address else 32}")
+            for prefix, via in BEYOND_ROUTES:
+                ip("-6" if ":" in prefix else "-4", "route", "replace", prefix, "via", via)
+            self.routes = list(BEYOND_ROUTES)
+            wan.sink = Sink(self.workdir, "wan", wan.netns, [wan.ip4, wan.ip6] + beyond, VM_TCP, VM_UDP, SINK_RAW)
             # Bound with IP_FREEBIND: the gateways come and go with the DMZ, the sockets stay.
             self.host_sink = Sink(self.workdir, "host", None, DMZ_GATEWAYS + HOST_ADDRESSES, HOST_TCP, HOST_UDP,
                                   SINK_RAW)
@@ -280,6 +295,9 @@ class World:
         return seen
 
     def close(self) -> None:
+        for prefix, _via in self.routes:
+            ip("-6" if ":" in prefix else "-4", "route", "del", prefix, check=False)
+        self.routes = []
         for name in list(self.nodes):
             self.remove(name)
         if self.host_sink is not None:
@@ -303,12 +321,10 @@ def dmz_up_without_vms(dmz, say=lambda _m: None) -> None:
     steps before the VMs are called one by one, in up's order.
     """
     from dmzctl import lifecycle
-    from dmzctl.desired import build
     from dmzctl.host.virt import Virt
-    from dmzctl.render.domain import HostFacts
 
     with Virt("qemu:///system") as virt:
-        desired = build(dmz, HostFacts())
+        desired = lifecycle.desired_state(virt, dmz)
         lifecycle.preflight(virt, desired, [])
         outcome = lifecycle.Outcome(dmz.name, say)
         undo = lifecycle.Undo(say)
@@ -346,9 +362,10 @@ def dmz_exists(dmz) -> bool:
 def reapply_table(dmz) -> None:
     """Replace the DMZ's table whole (one transaction): counters and log limits start afresh."""
     from dmzctl.host import nft
+    from dmzctl.lifecycle import build_table_only
     from dmzctl.render.nft import apply_batch
 
-    nft.apply(apply_batch(dmz))
+    nft.apply(apply_batch(dmz, build_table_only(dmz).blocks))
 
 
 def chain_counter(dmz, chain: str) -> int:

@@ -4,8 +4,10 @@ depth with the nft table deleted under the running guest.
 
 Topology, all on this machine: the DMZ `gi` (10.243.0.0/24, fdd0:243::/64)
 with the guest gi-web; a "lan" namespace with the protected subnets
-(10.244.0.0/24, fdd0:244::/64); a "wan" namespace (10.247.0.0/24,
-fdd0:247::/64) standing in for the internet. Arrivals are counted by nft
+(10.244.0.0/24, fdd0:244::/64); a "wan" namespace, the host's uplink router on
+10.247.0.0/24 and fdd0:247::/64, holding "the internet" behind it (198.18.47.10,
+2001:db8:47::10, routed by the host through it: beyond the host and not private,
+so egress reaches it; the uplink subnet itself is blocked as a host subnet). Arrivals are counted by nft
 counters inside those namespaces (a blocked probe must never arrive), and
 frames reaching the host's side of the bridge by a packet socket.
 """
@@ -30,7 +32,9 @@ VM_IP, VM_IP6 = "10.243.0.10", "fdd0:243::10"
 LAN_NS, WAN_NS = "dmzgi-lan", "dmzgi-wan"
 LAN_HOST, LAN_HOST6 = "10.244.0.10", "fdd0:244::10"
 LAN_DNS = "10.244.0.53"
-WAN_HOST, WAN_HOST6 = "10.247.0.10", "fdd0:247::10"
+WAN_ROUTER, WAN_ROUTER6 = "10.247.0.10", "fdd0:247::10"
+WAN_HOST, WAN_HOST6 = "198.18.47.10", "2001:db8:47::10"
+BEYOND_ROUTES = [("198.18.47.0/24", WAN_ROUTER), ("2001:db8:47::/64", WAN_ROUTER6)]
 
 CONFIG = """
 [dmz]
@@ -176,7 +180,10 @@ def world(tmp_path_factory):
         make_side(LAN_NS, "dmzgi-lan0", ["10.244.0.1/24", "fdd0:244::1/64"],
                   [f"{LAN_HOST}/24", f"{LAN_DNS}/24", f"{LAN_HOST6}/64"], ["10.244.0.1", "fdd0:244::1"])
         make_side(WAN_NS, "dmzgi-wan0", ["10.247.0.1/24", "fdd0:247::1/64"],
-                  [f"{WAN_HOST}/24", f"{WAN_HOST6}/64"], ["10.247.0.1", "fdd0:247::1"])
+                  [f"{WAN_ROUTER}/24", f"{WAN_ROUTER6}/64", f"{WAN_HOST}/32", f"{WAN_HOST6}/128"],
+                  ["10.247.0.1", "fdd0:247::1"])
+        for prefix, via in BEYOND_ROUTES:
+            sh("ip", "-6" if ":" in prefix else "-4", "route", "replace", prefix, "via", via)
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
         # A "DNS server" on the LAN: the one hole. Nothing listens on LAN port 80.
         listeners.append(subprocess.Popen(["ip", "netns", "exec", LAN_NS, "busybox", "nc", "-ll", "-p", "53",
@@ -198,6 +205,8 @@ def world(tmp_path_factory):
             process.wait(timeout=5)
         dmzctl("down", str(config), "--timeout", "0")
         wipe(DMZ, [VM])
+        for prefix, _via in BEYOND_ROUTES:
+            sh("ip", "-6" if ":" in prefix else "-4", "route", "del", prefix, check=False)
         remove_side(LAN_NS, "dmzgi-lan0")
         remove_side(WAN_NS, "dmzgi-wan0")
 
@@ -332,9 +341,43 @@ def test_dhcp_server_answers_and_router_advertisements_are_dropped(world):
     assert not sniffer.seen(icmp6_from_guest(134)), "a router advertisement left the VM"
 
 
-def test_nwfilters_alone_block_the_lan_when_the_table_is_deleted(world):
+def test_the_uplink_subnet_is_blocked_without_being_listed(world):
+    """The host's uplink (the wan link here) is nobody's protected subnet, yet the guest cannot reach the
+    router on it, while the internet behind that router answers."""
+    reset_counters(WAN_NS)
+    in_guest(VM_IP, f"ping -c 2 -W 1 {WAN_ROUTER}")
+    in_guest(VM_IP, f"ping6 -c 2 -W 1 {WAN_ROUTER6}")
+    time.sleep(0.3)
+    seen = counters(WAN_NS)
+    assert (seen["ping4"], seen["ping6"]) == (0, 0), seen
+    assert guest_ok(f"ping -c 1 -W 2 {WAN_HOST}"), "positive control: the internet beyond the router"
+
+
+# The host's own services, seen from the guest with the table deleted: what reaches the host's stack
+# answers (a TCP reset, ICMP port unreachable, an echo reply); what the nwfilter drops stays silent.
+HOST_PROBES = [
+    ("tcp to the gateway", "nc -w 2 10.243.0.1 7080 </dev/null; echo rc=$?"),
+    ("tcp to the host's LAN address", "nc -w 2 10.244.0.1 7080 </dev/null; echo rc=$?"),
+    ("ping the gateway", "ping -c 1 -W 2 10.243.0.1"),
+    ("ping the IPv6 gateway", "ping6 -c 1 -W 2 fdd0:243::1"),
+    ("ping the host's LAN address", "ping -c 1 -W 2 10.244.0.1"),
+]
+
+
+def test_nwfilters_alone_block_the_lan_and_the_host_when_the_table_is_deleted(world):
     subprocess.run(["nft", "delete", "table", "inet", "dmzctl-gi"], check=True)
     try:
+        for what, command in HOST_PROBES:
+            began = time.monotonic()
+            rc, out = in_guest(VM_IP, command)
+            # A reset or an echo reply comes back at once; a dropped probe waits its full timeout.
+            assert "reset" not in out.lower() and "refused" not in out.lower(), f"{what}: the host answered: {out}"
+            if command.startswith("ping"):
+                assert rc != 0, f"{what}: the host answered: {out}"
+            assert time.monotonic() - began >= 1.5, f"{what}: an answer came back at once: {out}"
+        # DNS to the gateway stays open at this layer too.
+        _rc, out = in_guest(VM_IP, "nslookup dmzctl.invalid 10.243.0.1")
+        assert "NXDOMAIN" in out, out
         reset_counters(LAN_NS)
         in_guest(VM_IP, f"nc -w 2 {LAN_HOST} 80 </dev/null")
         in_guest(VM_IP, f"ping -c 2 -W 1 {LAN_HOST}")
@@ -348,6 +391,39 @@ def test_nwfilters_alone_block_the_lan_when_the_table_is_deleted(world):
         _rc, out = in_guest(VM_IP, f"nc -w 3 {LAN_DNS} 53 </dev/null")
         assert "dns-answer" in out
     finally:
+        dmzctl("firewall", "up", str(world["config"]), check=True)
+
+
+def test_host_probes_have_teeth_without_the_nwfilter_host_rules(world):
+    """The same probes, with the table deleted and the host rules taken out of the VM's block filter:
+    the host answers each of them at once. So the silence above is the nwfilter's doing."""
+    name = f"dmzctl-{DMZ}-{VM}-block"
+    original = sh("virsh", "-q", "nwfilter-dumpxml", name).stdout
+    from lxml import etree
+
+    stripped = etree.fromstring(original.encode())
+    for rule in stripped.findall("rule"):
+        if rule.get("priority") == "350":  # the host's addresses (render/nwfilter.py)
+            stripped.remove(rule)
+    subprocess.run(["nft", "delete", "table", "inet", "dmzctl-gi"], check=True)
+    path = world["config"].parent / "block-without-host.xml"
+    try:
+        path.write_bytes(etree.tostring(stripped))
+        sh("virsh", "-q", "nwfilter-define", str(path))
+        answered = []
+        for what, command in HOST_PROBES:
+            for _ in range(3):  # the rebuilt filter takes a moment on the running NIC
+                began = time.monotonic()
+                rc, out = in_guest(VM_IP, command)
+                fast = time.monotonic() - began < 1.5
+                if fast and (rc == 0 or "refused" in out.lower() or "reset" in out.lower() or "rc=1" in out):
+                    answered.append(what)
+                    break
+                time.sleep(0.5)
+        assert answered == [what for what, _ in HOST_PROBES], answered
+    finally:
+        path.write_text(original)
+        sh("virsh", "-q", "nwfilter-define", str(path))
         dmzctl("firewall", "up", str(world["config"]), check=True)
 
 

@@ -32,7 +32,7 @@ from dmzctl.config import load_dmz
 from dmzctl.explain import Flow, explain
 
 import netns
-from netns import HOST_ADDRESSES, new_token
+from netns import HOST_ADDRESSES, INTERNET, PRIVATE_BEYOND, new_token
 
 CONFIGS = Path(__file__).parent / "configs" / "isolation"
 VARIANTS = {"open": CONFIGS / "open.toml", "closed": CONFIGS / "closed.toml"}
@@ -171,15 +171,22 @@ MATRIX += [
     C("web",  "10.232.0.1",    "tcp",   53,   BLOCK, why="DNS: only on the gateway, not the host's other addresses"),
 ]
 
-# Egress towards the internet: everything with egress = "any", nothing with "none".
-for _to in ("10.233.0.100", "fdd0:233::100"):
+# Egress towards the internet (beyond the host's uplink router): everything with egress = "any",
+# nothing with "none".
+for _to in INTERNET:
     for _proto, _port in EVERY_PROTO:
         MATRIX.append(C("web", _to, _proto, _port, PASS, "open", why='egress "any"'))
         MATRIX.append(C("web", _to, _proto, _port, BLOCK, "closed", why='egress "none"'))
 MATRIX += [
-    C("mail", "10.233.0.100",  "tcp",   80,   PASS, "open", why='egress "any"'),
-    C("mail", "10.233.0.100",  "tcp",   80,   BLOCK, "closed", why='egress "none"'),
+    C("mail", INTERNET[0],     "tcp",   80,   PASS, "open", why='egress "any"'),
+    C("mail", INTERNET[0],     "tcp",   80,   BLOCK, "closed", why='egress "none"'),
 ]
+# What nobody listed is blocked all the same, whatever egress says: the host's own uplink subnet
+# (the router on it included) and a private network beyond it, every protocol, IPv4 and IPv6.
+for _to, _why in (("10.233.0.100", "a host subnet (the uplink)"), ("fdd0:233::100", "a host subnet (the uplink)"),
+                  (PRIVATE_BEYOND[0], "private range 172.16.0.0/12"), (PRIVATE_BEYOND[1], "private range fc00::/7")):
+    for _proto, _port in EVERY_PROTO:
+        MATRIX.append(C("web", _to, _proto, _port, BLOCK, why=f"implicit: {_why}"))
 
 # VM to VM: web and mail share the bridge (switched); web and app talk through the host (routed).
 for _to, _how in (("10.231.0.25", "switched"), ("fdd0:231::25", "switched"),
@@ -194,16 +201,16 @@ MATRIX += [
 
 # Forged sources: anti-spoofing drops them before any hole (each would pass from web's own address).
 MATRIX += [
-    C("web", "10.233.0.100",   "udp",   5000, BLOCK, spoof="10.232.0.77", why="spoofed: a LAN source"),
-    C("web", "fdd0:233::100",  "udp",   5000, BLOCK, spoof="fdd0:232::77", why="spoofed: a LAN source"),
+    C("web", INTERNET[0],      "udp",   5000, BLOCK, spoof="10.232.0.77", why="spoofed: a LAN source"),
+    C("web", INTERNET[1],      "udp",   5000, BLOCK, spoof="fdd0:232::77", why="spoofed: a LAN source"),
     C("web", "10.232.0.10",    "udp",   123,  BLOCK, spoof="10.233.0.77", why="spoofed, to hole allow[1]"),
     C("web", "fdd0:232::1",    "udp",   7023, BLOCK, spoof="fdd0:233::77", why="spoofed, to the host's hole allow[7]"),
     C("web", "10.232.0.10",    "sctp",  9000, BLOCK, spoof="10.233.0.77", why="spoofed, to hole allow[5]"),
     # Another DMZ address is no business of nftables: the VM's nwfilter binds it to its own address on a
     # real guest NIC (the guest tests). From a namespace it is just another DMZ source.
-    C("web", "10.233.0.100",   "udp",   5000, PASS, "open", spoof="10.231.0.99",
+    C("web", INTERNET[0],      "udp",   5000, PASS, "open", spoof="10.231.0.99",
       why="a DMZ source: nft passes it; the nwfilter stops it on real guests"),
-    C("web", "10.233.0.100",   "udp",   5000, BLOCK, "closed", spoof="10.231.0.99", why='egress "none"'),
+    C("web", INTERNET[0],      "udp",   5000, BLOCK, "closed", spoof="10.231.0.99", why='egress "none"'),
 ]
 
 

@@ -268,7 +268,7 @@ def test_firewall_down_refuses_while_vms_run_and_restart_keeps_the_firewall(make
     dmzctl("up", str(config), check=True)
     refused = dmzctl("firewall", "down", str(config))
     assert refused.returncode == 1
-    assert "lcfd-web are running; removing the firewall would leave them unprotected" in refused.stderr
+    assert "VM lcfd-web is running; removing the firewall would leave it unprotected" in refused.stderr
     assert subprocess.run(["nft", "list", "table", "inet", "dmzctl-lcfd"], capture_output=True).returncode == 0
 
     wait_for_serial("lcfd-web", "DMZGUEST READY")

@@ -1,6 +1,8 @@
 """Pure rendering: golden files, libvirt's RelaxNG schemas, libnftables' dry run, rule order."""
 
+import dataclasses
 import hashlib
+import ipaddress
 import json
 import tomllib
 from pathlib import Path
@@ -124,7 +126,10 @@ def test_forward_order_is_the_contract():
     first_hole, last_hole = position(order, "hole"), max(i for i, c in enumerate(order) if c.startswith("hole"))
     protected = position(order, "to protected")
     assert spoof < first_hole <= last_hole < protected
-    assert order[-2:] == ["to protected IPv4", "to protected IPv6"]
+    # After the listed subnets, what nobody listed: other DMZs, host subnets, private ranges.
+    assert order[protected:] == ["to protected IPv4", "to protected IPv6",
+                                 "to other-dmz IPv4", "to other-dmz IPv6", "to host-net IPv4", "to host-net IPv6",
+                                 "to private IPv4", "to private IPv6"]
 
 
 def test_input_order_is_the_contract():
@@ -166,9 +171,46 @@ def test_limit_comes_before_log_and_drop_follows():
 def test_sets_hold_collapsed_protected_prefixes():
     dmz = load(Path(__file__).parent / "configs" / "nat-v4-only.toml")
     elements = [c["add"]["element"] for c in render_table(dmz) if "element" in c.get("add", {})]
-    assert elements == [{"family": "inet", "table": "dmzctl-natdmz", "name": "protected4",
-                         "elem": [{"prefix": {"addr": "10.60.0.0", "len": 16}},
-                                  {"prefix": {"addr": "10.61.0.0", "len": 24}}]}]
+    assert elements[0] == {"family": "inet", "table": "dmzctl-natdmz", "name": "protected4",
+                           "elem": [{"prefix": {"addr": "10.60.0.0", "len": 16}},
+                                    {"prefix": {"addr": "10.61.0.0", "len": 24}}]}
+
+
+def _elements(commands):
+    return {c["add"]["element"]["name"]: c["add"]["element"]["elem"]
+            for c in commands if "element" in c.get("add", {})}
+
+
+def test_implicit_blocks_are_set_elements_named_by_class():
+    from dmzctl.implicit import HostNetwork, HostView, blocks_for
+
+    dmz = load(ROOT / "examples" / "demo.toml")
+    view = HostView(networks=(
+        HostNetwork(ipaddress.ip_network("10.230.0.0/24"), interface="dz-rg", libvirt_network="rg", dmz="rg"),
+        HostNetwork(ipaddress.ip_network("192.168.122.0/24"), interface="virbr0", libvirt_network="default"),
+        HostNetwork(ipaddress.ip_network("198.51.100.0/24"), interface="eth0"),
+        HostNetwork(ipaddress.ip_network("2001:db8:1::/64"), interface="eth0"),
+        HostNetwork(ipaddress.ip_network("198.51.100.0/25"), interface="eth1"),  # overlaps: merged
+        HostNetwork(dmz.subnet, interface=dmz.bridge, libvirt_network=dmz.name, dmz=dmz.name),  # its own
+        HostNetwork(ipaddress.ip_network("127.0.0.0/8"), interface="lo"),
+    ))
+    sets = _elements(render_table(dmz, blocks_for(dmz, view)))
+    assert sets["other_dmz4"] == [{"prefix": {"addr": "10.230.0.0", "len": 24}}]
+    assert sets["host_nets4"] == [{"prefix": {"addr": "192.168.122.0", "len": 24}},
+                                  {"prefix": {"addr": "198.51.100.0", "len": 24}}]
+    assert sets["host_nets6"] == [{"prefix": {"addr": "2001:db8:1::", "len": 64}}]
+    assert {"prefix": {"addr": "10.0.0.0", "len": 8}} in sets["private4"]
+    assert {"prefix": {"addr": "fe80::", "len": 10}} in sets["private6"]
+    # The rules stay the same whatever the host holds: only the elements change.
+    assert [c for c in render_table(dmz, blocks_for(dmz, view)) if "rule" in c.get("add", {})] == \
+        [c for c in render_table(dmz) if "rule" in c.get("add", {})]
+
+
+def test_private_ranges_can_be_opened_by_config():
+    dmz = load(ROOT / "examples" / "demo.toml")
+    opened = dataclasses.replace(dmz, block_private_ranges=False)
+    assert "private4" not in _elements(render_table(opened))
+    assert "private4" in _elements(render_table(dmz))
 
 
 def test_domain_marks_ownership_and_listens_on_loopback_only():

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import netns
+from netns import INTERNET
 from dmzctl.config import load_dmz
 from dmzctl.verify import (Probe, choose_addresses, host_addresses_from_ip_json, plan, sample_address)
 
@@ -27,8 +28,9 @@ CONFIGS = Path(__file__).parent / "configs" / "isolation"
 OPEN = CONFIGS / "open.toml"
 CLOSED = CONFIGS / "closed.toml"
 OURS = [ipaddress.ip_network(n) for n in ("10.231.0.0/24", "10.232.0.0/24", "10.233.0.0/24",
-                                          "fdd0:231::/64", "fdd0:232::/64", "fdd0:233::/64")]
-TARGETS = ["10.233.0.100:80", "[fdd0:233::100]:80"]
+                                          "fdd0:231::/64", "fdd0:232::/64", "fdd0:233::/64",
+                                          "198.18.33.0/24", "2001:db8:33::/64")]
+TARGETS = [f"{INTERNET[0]}:80", f"[{INTERNET[1]}]:80"]
 SRC4, SRC6 = ipaddress.ip_address("10.231.0.127"), ipaddress.ip_address("fdd0:231::ffff:ffff:ffff:fffe")
 
 
@@ -40,13 +42,19 @@ def _by(probes: list[Probe], kind: str) -> list[Probe]:
 
 def test_plan_probes_samples_host_holes_and_targets_with_the_policy_s_expectations():
     dmz = load_dmz(OPEN)
-    targets = [(ipaddress.ip_address("10.233.0.100"), 80)]
+    targets = [(ipaddress.ip_address(INTERNET[0]), 80)]
     probes, notes = plan(dmz, SRC4, SRC6, ["10.232.0.1", "fdd0:232::1", "10.233.0.1"], targets, True)
-    destinations = {str(p.dst) for p in probes}
-    # Only the protected samples, hole destinations, the host and the explicit target: never anything else.
+    destinations = {str(p.dst) for p in probes if p.kind != "private"}
+    # Only the protected samples, hole destinations, the host, the explicit target and one sample of each
+    # implicit block: never anything else.
     assert destinations == {"10.232.0.1", "fdd0:232::1", "10.232.0.53", "10.232.0.10", "10.232.0.25",
                             "fdd0:232::25", "fdd0:232::10", "10.231.0.1", "fdd0:231::1", "10.233.0.1",
-                            "10.233.0.100"}
+                            INTERNET[0]}
+    private = _by(probes, "private")
+    assert {str(p.dst) for p in private} == {"10.0.0.2", "172.16.0.2", "192.168.0.2", "100.64.0.2",
+                                            "169.254.169.254", "fc00::2"}
+    assert all(p.expected.decided_by == "private" and not p.expected.allowed for p in private)
+    assert "private range 10.0.0.0/8" in next(p.note for p in private if str(p.dst) == "10.0.0.2")
     assert {p.dst for p in _by(probes, "protected")} == {sample_address(n) for n in dmz.protected}
     assert all(not p.expected.allowed for p in _by(probes, "protected"))
     assert all(not p.expected.allowed for p in _by(probes, "hole-edge")), "nothing broader than a hole"
@@ -65,7 +73,7 @@ def test_plan_without_targets_says_egress_was_not_probed_and_closed_blocks_targe
     dmz = load_dmz(CLOSED)
     probes, notes = plan(dmz, SRC4, SRC6)
     assert any("egress" in n and "--target" in n for n in notes)
-    probes, notes = plan(dmz, SRC4, SRC6, (), [(ipaddress.ip_address("fdd0:233::100"), None)])
+    probes, notes = plan(dmz, SRC4, SRC6, (), [(ipaddress.ip_address(INTERNET[1]), None)])
     assert [p.expected.decided_by for p in _by(probes, "target")] == ["egress", "egress"]
 
 
@@ -115,12 +123,18 @@ def _require_host():
 
 
 def _foreign_host_addresses() -> list[str]:
-    """--skip for every address of this host that is not one of the test's own."""
+    """--skip for every address and subnet of this host that is not one of the test's own: verify
+    samples the host's subnets, and other subnets here are none of this test's business."""
     data = json.loads(subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True).stdout)
     skip = ["192.0.2.0/24", "fd00::/64"]
     for address in host_addresses_from_ip_json(data):
         if not any(address.version == n.version and address in n for n in OURS):
             skip.append(f"{address}/{address.max_prefixlen}")
+    for link in data:
+        for info in link.get("addr_info", []):
+            subnet = ipaddress.ip_interface(f"{info['local']}/{info['prefixlen']}").network
+            if not subnet.is_link_local and not any(subnet.subnet_of(n) for n in OURS if n.version == subnet.version):
+                skip.append(str(subnet))
     return skip
 
 

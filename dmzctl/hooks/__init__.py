@@ -62,7 +62,8 @@ def network_start(network: str, data: bytes) -> int:
         from .. import events
         from ..config import load_dmz
         from ..errors import DmzctlError
-        from ..host import nft
+        from ..host import facts, nft
+        from ..implicit import blocks_for
         from ..render.nft import apply_batch, table_name
 
         try:
@@ -74,7 +75,7 @@ def network_start(network: str, data: bytes) -> int:
         if dmz.name != dmz_name:
             return _warn(network, f"its config {config} now describes DMZ {dmz.name!r}, not {dmz_name!r}")
         try:
-            nft.apply(apply_batch(dmz))
+            nft.apply(apply_batch(dmz, blocks_for(dmz, facts.host_view())))
         except DmzctlError as error:
             return _refuse(network, str(error))
         ms = (time.monotonic() - began) * 1000

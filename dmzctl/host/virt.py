@@ -182,6 +182,19 @@ class Virt:
                 net.create()
             net.setAutostart(1)
 
+    def network_active(self, net) -> bool:
+        with self._call(f"reading network {net.name()}"):
+            return bool(net.isActive())
+
+    def network_autostart(self, net) -> bool:
+        with self._call(f"reading network {net.name()}"):
+            return bool(net.autostart())
+
+    def stop_network(self, net) -> None:
+        with self._call(f"stopping network {net.name()}"):
+            if net.isActive():
+                net.destroy()
+
     def remove_network(self, net) -> None:
         with self._call(f"removing network {net.name()}"):
             if net.isActive():
@@ -285,6 +298,10 @@ class Virt:
         with self._call(f"defining domain {name}"):
             return self.conn.defineXML(xml)
 
+    def domain_autostart(self, dom) -> bool:
+        with self._call(f"reading domain {dom.name()}"):
+            return bool(dom.autostart())
+
     def set_autostart(self, dom, enabled: bool) -> None:
         with self._call(f"setting autostart of {dom.name()}"):
             dom.setAutostart(1 if enabled else 0)
@@ -322,10 +339,14 @@ class Virt:
                 dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if hasattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM") else 0)
 
     def _state(self, dom) -> int:
+        """The domain's state as libvirt reports it. Only "no such domain" (a transient domain
+        gone after its destroy) counts as off: any other error is no answer, never a state."""
         try:
             return dom.state()[0]
-        except libvirt.libvirtError:
-            return libvirt.VIR_DOMAIN_SHUTOFF
+        except libvirt.libvirtError as error:
+            if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return libvirt.VIR_DOMAIN_SHUTOFF
+            raise HostError(f"reading the state of domain {dom.name()}: {describe(error)}") from None
 
     def is_off(self, dom) -> bool:
         return self._state(dom) in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED)

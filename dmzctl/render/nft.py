@@ -10,15 +10,20 @@ Chain order is the contract (tests check it):
                   4 source outside the DMZ subnet -> spoofed (log, drop)
                   5 holes accepted
                   6 to protected -> protected (rate limit, log, drop), every protocol
-                  7 anything else dropped when egress = "none"
+                  7 implicit blocks, each class to its own log-and-drop chain
+                    (dmzctl/implicit.py): another DMZ -> other_dmz, a host or
+                    libvirt subnet -> host_net, a private or special range -> private
+                  8 anything else dropped when egress = "none"
   input (hook)    1 established/related accepted
-                  2 from the DMZ bridge -> to_host
-  to_host         3 source outside the DMZ subnet -> spoofed
-                  4 holes accepted (a protected address may be the host's own)
-                  5 DHCP/DNS to the gateway (dhcp on; DNS also on the IPv6 gateway and the
+                  2 the host's own multicast looped back on the DMZ bridge (its router
+                    advertisements): accepted unlogged, not the DMZ's doing
+                  3 from the DMZ bridge -> to_host
+  to_host         4 source outside the DMZ subnet -> spoofed
+                  5 holes accepted (a protected address may be the host's own)
+                  6 DHCP/DNS to the gateway (dhcp on; DNS also on the IPv6 gateway and the
                     bridge's link-local address, which libvirt's router advertisements name),
                     neighbour discovery (IPv6 on)
-                  6 everything else -> host (rate limit, log, drop)
+                  7 everything else -> host (rate limit, log, drop)
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import ipaddress
 from typing import Any, Optional
 
 from ..config import DMZ, Hole
+from ..implicit import CLASSES, LOG_REASONS, SET_NAMES, Blocked, HostView, blocks_for, set_elements
 
 FAMILY = "inet"
 HOOK_PRIORITY = -10  # before the iptables-nft tables libvirt fills (priority 0): we log first
@@ -157,8 +163,26 @@ def _source_checks(dmz: DMZ, chain: str, allow_unspecified: bool) -> list[Comman
     return rules
 
 
-def render_table(dmz: DMZ) -> list[Command]:
-    """Every command that creates the table from nothing, in order."""
+def _implicit_rules(dmz: DMZ, chain: str) -> list[Command]:
+    """One rule per class and family, whatever the number of prefixes: they are set elements."""
+    rules = []
+    for kind in CLASSES:
+        for version in (4, 6):
+            rules.append(_rule(dmz, chain, [_match(_payload(_ipfamily(version), "daddr"),
+                                                   f"@{SET_NAMES[kind]}{version}"),
+                                            _verdict("jump", SET_NAMES[kind])],
+                               f"to {kind} IPv{version}"))
+    return rules
+
+
+def render_table(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> list[Command]:
+    """Every command that creates the table from nothing, in order.
+
+    blocks: the implicit blocks (implicit.blocks_for with the host's view); None
+    renders those known without looking at the host (the private ranges).
+    """
+    if blocks is None:
+        blocks = blocks_for(dmz, HostView())
     name = table_name(dmz)
     bridge = dmz.bridge
     from_bridge = _match(_meta("iifname"), bridge)
@@ -166,7 +190,11 @@ def render_table(dmz: DMZ) -> list[Command]:
     commands: list[Command] = [{"add": {"table": {"family": FAMILY, "name": name}}}]
     commands += _set(dmz, "protected4", dmz.protected4, 4)
     commands += _set(dmz, "protected6", dmz.protected6, 6)
+    for kind in CLASSES:
+        for version in (4, 6):
+            commands += _set(dmz, f"{SET_NAMES[kind]}{version}", set_elements(blocks, kind, version), version)
     log_drop_chains = [("spoofed", "spoofed"), ("protected", "to-protected"), ("host", "to-host")]
+    log_drop_chains += [(SET_NAMES[kind], LOG_REASONS[kind]) for kind in CLASSES]
     if dmz.isolate_vms:
         log_drop_chains.append(("vm_to_vm", "vm-to-vm"))
     if dmz.egress == "none":
@@ -194,12 +222,21 @@ def render_table(dmz: DMZ) -> list[Command]:
                                             _verdict("jump", "protected")], "to protected IPv4"))
     commands.append(_rule(dmz, "from_dmz", [_match(_payload("ip6", "daddr"), "@protected6"),
                                             _verdict("jump", "protected")], "to protected IPv6"))
+    commands += _implicit_rules(dmz, "from_dmz")
     if dmz.egress == "none":
         commands.append(_rule(dmz, "from_dmz", [_verdict("jump", "egress")], "egress none"))
 
     # input: the DMZ towards the host itself, whatever address it is sent to.
     commands += [_chain(dmz, "input", "input"), _chain(dmz, "to_host")]
     commands.append(_rule(dmz, "input", [established, _verdict("accept")], "replies to allowed flows"))
+    # The host's own router advertisements (and MLD) come back to it on the bridge
+    # through multicast loopback, sourced from its own link-local address: they are
+    # not the DMZ's doing and must neither be logged nor counted as drops. A VM cannot
+    # send an RA (its nwfilter drops them), and only ICMPv6 multicast matches.
+    commands.append(_rule(dmz, "input", [from_bridge, _match(_meta("pkttype"), "multicast"),
+                                         _match(_meta("l4proto"), "ipv6-icmp"),
+                                         _match({"fib": {"flags": ["saddr"], "result": "type"}}, "local"),
+                                         _verdict("accept")], "the host's own multicast, looped back"))
     commands.append(_rule(dmz, "input", [from_bridge, _verdict("jump", "to_host")], "from the DMZ"))
     commands += _source_checks(dmz, "to_host", allow_unspecified=True)
     for hole in dmz.holes:
@@ -232,12 +269,12 @@ def render_table(dmz: DMZ) -> list[Command]:
     return commands
 
 
-def apply_batch(dmz: DMZ) -> dict:
+def apply_batch(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> dict:
     """One transaction that replaces the table whole: add (so delete never fails), delete, recreate."""
     name = table_name(dmz)
     table = {"table": {"family": FAMILY, "name": name}}
     return {"nftables": [{"metainfo": {"json_schema_version": 1}}, {"add": table}, {"delete": table}]
-            + render_table(dmz)}
+            + render_table(dmz, blocks)}
 
 
 def delete_batch(table: str) -> dict:

@@ -6,7 +6,10 @@ port (ebtables) and hold even if the table is deleted under a running VM.
 Per VM:
   dmzctl-<dmz>-<vm>          root: references all the below (the NIC's filterref)
   dmzctl-clean-traffic       static (xml/nwfilter): MAC/IPv4/ARP anti-spoofing
-  dmzctl-<dmz>-<vm>-guard4   chain ipv4-dmzctl: no DHCP server replies, holes, protected dropped
+  dmzctl-<dmz>-<vm>-block    chain root (iptables layer, conntrack): holes, then new flows to the
+                             protected subnets and to the host's own addresses dropped
+                             (DHCP and DNS to the gateway excepted)
+  dmzctl-<dmz>-<vm>-guard4   chain ipv4-dmzctl: no DHCP server replies
   dmzctl-<dmz>-<vm>-spoof6   chain ipv6-dmzspf: IPv6 source bound (DMZ with IPv6 only)
   dmzctl-<dmz>-<vm>-guard6   chain ipv6-dmzctl: no RAs / DHCPv6 replies, holes, protected dropped
 """
@@ -99,12 +102,49 @@ HOLE_ELEMENTS = {
 NEW_FLOWS = "NEW,INVALID"
 
 
-def _protected_block(name: str, dmz: DMZ, vm: VM) -> etree._Element:
-    """The second, independent block of the protected subnets.
+LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
+
+
+def host_addresses(dmz: DMZ, known=()) -> list[ipaddress._BaseNetwork]:
+    """The host's own addresses as /32 and /128: the gateways always, plus what the host view knows,
+    and on IPv6 every link-local address (only the host can be reached there from a VM's NIC: other
+    VMs' link-local traffic is switched, not firewalled here, as the drop is for new flows only)."""
+    addresses = {ipaddress.ip_network(dmz.gateway.ip)}
+    if dmz.gateway6 is not None:
+        addresses.add(ipaddress.ip_network(dmz.gateway6.ip))
+    for address in known:
+        address = ipaddress.ip_address(str(address).split("/")[0])
+        if address.version == 6 and dmz.gateway6 is None:
+            continue  # layer 2 already drops all IPv6 of a DMZ without it
+        if not address.is_link_local and not address.is_loopback:
+            addresses.add(ipaddress.ip_network(address))
+    return sorted(addresses, key=lambda net: (net.version, net))
+
+
+def _gateway_services(block: etree._Element, dmz: DMZ) -> None:
+    """What a VM may open towards the host: DHCP and DNS on the gateway, as the table allows."""
+    if not dmz.dhcp:
+        return
+    gateway = str(dmz.gateway.ip)
+    sub(_rule(block, "accept", 250), "udp", state="NEW", dstipaddr=gateway, dstportstart="67")
+    for proto in ("udp", "tcp"):
+        sub(_rule(block, "accept", 250), proto, state="NEW", dstipaddr=gateway, dstportstart="53")
+    if dmz.gateway6 is not None:
+        # libvirt's router advertisements name the bridge's link-local address as DNS server.
+        for address, mask in ((str(dmz.gateway6.ip), "128"), ("fe80::", "10")):
+            for proto in ("udp-ipv6", "tcp-ipv6"):
+                sub(_rule(block, "accept", 250), proto, state="NEW", dstipaddr=address, dstipmask=mask,
+                    dstportstart="53")
+
+
+def _protected_block(name: str, dmz: DMZ, vm: VM, known_host_addresses=()) -> etree._Element:
+    """The second, independent block of the protected subnets and of the host itself.
 
     It is stateful (conntrack, through libvirt's iptables layer): a flow the VM
-    starts towards a protected subnet is dropped, while its replies to flows the
-    LAN started pass. A stateless layer-2 drop would cut those replies too.
+    starts towards a protected subnet or one of the host's addresses is dropped,
+    while its replies to flows the LAN or the host started pass. A stateless
+    layer-2 drop would cut those replies too. Neighbour discovery is untracked by
+    conntrack (neither NEW nor INVALID), so it passes.
     """
     block = etree.Element("filter", name=name, chain="root")
     for family in (4, 6):
@@ -123,17 +163,27 @@ def _protected_block(name: str, dmz: DMZ, vm: VM) -> etree._Element:
         for net in protected:
             sub(_rule(block, "drop", 300), "all" if family == 4 else "all-ipv6", state=NEW_FLOWS,
                 dstipaddr=str(net.network_address), dstipmask=str(net.prefixlen))
+    _gateway_services(block, dmz)
+    targets = host_addresses(dmz, known_host_addresses)
+    if dmz.gateway6 is not None:
+        targets.append(LINK_LOCAL6)
+    for net in targets:
+        sub(_rule(block, "drop", 350), "all" if net.version == 4 else "all-ipv6", state=NEW_FLOWS,
+            dstipaddr=str(net.network_address), dstipmask=str(net.prefixlen))
     return block
 
 
-def render_nwfilters(dmz: DMZ, vm: VM) -> dict[str, etree._Element]:
-    """The filters for one VM, referenced filters before those referencing them."""
+def render_nwfilters(dmz: DMZ, vm: VM, known_host_addresses=()) -> dict[str, etree._Element]:
+    """The filters for one VM, referenced filters before those referencing them.
+
+    known_host_addresses: the host's own addresses beyond the gateways (the host view).
+    """
     top_name = vm_filter_name(dmz, vm)
     filters: dict[str, etree._Element] = {}
     filters[f"{top_name}-guard4"] = _rogue_server_guard(
         f"{top_name}-guard4", "ipv4-dmzctl", GUARD4_PRIORITY, "ip",
         [{"protocol": "udp", "srcportstart": "67"}])  # DHCP server
-    filters[f"{top_name}-block"] = _protected_block(f"{top_name}-block", dmz, vm)
+    filters[f"{top_name}-block"] = _protected_block(f"{top_name}-block", dmz, vm, known_host_addresses)
 
     top = etree.Element("filter", name=top_name, chain="root")
     sub(top, "filterref", filter=CLEAN_TRAFFIC)
