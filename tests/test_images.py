@@ -156,6 +156,8 @@ BASE = Image(Path("/d/base.qcow2"), "qcow2")
      "names backing file ../etc/shadow in its qcow2 header, but the config names /d/base.qcow2"),
     (handmade(backing=b"/d/base.qcow2", extensions=extension(0xE2792ACA, b"raw")), BASE,
      "says its backing file /d/base.qcow2 is raw in its qcow2 header, but the config says qcow2"),
+    (handmade(backing=b"/x\n/etc/shadow"), None,
+     "names backing file '/x\\n/etc/shadow' in its qcow2 header, and the config names none"),
     (handmade(incompatible=1 << 2), None,
      "names an external data file in its qcow2 header, which dmzctl does not support"),
 ])

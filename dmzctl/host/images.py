@@ -129,15 +129,21 @@ def layer_problem(image: Image, below: Optional[Image], header: Qcow2Header) -> 
     if named is None and below is None:
         return None
     if below is None:
-        return f"names backing file {header.backing_file} in its qcow2 header, and the config names none"
+        return f"names backing file {_shown(header.backing_file)} in its qcow2 header, and the config names none"
     if named is None:
         return f"has no backing file in its qcow2 header, but the config names {below.path}"
     if named != below.path:
-        return f"names backing file {header.backing_file} in its qcow2 header, but the config names {below.path}"
+        return (f"names backing file {_shown(header.backing_file)} in its qcow2 header, but the config names "
+                f"{below.path}")
     if header.backing_format is not None and header.backing_format != below.format:
-        return (f"says its backing file {below.path} is {header.backing_format} in its qcow2 header, "
+        return (f"says its backing file {below.path} is {_shown(header.backing_format)} in its qcow2 header, "
                 f"but the config says {below.format}")
     return None
+
+
+def _shown(text: str) -> str:
+    """Header text as it can be shown in one line: whoever wrote the file chose it."""
+    return text if text.isprintable() else repr(text)
 
 
 ReadHead = Callable[[Path], bytes]
