@@ -206,8 +206,11 @@ def restart(
 ) -> None:
     """Stop the VMs gracefully (network and firewall stay up) and start them again."""
     from . import lifecycle
+    from .host import images
 
     def work(virt, dmz):
+        # Refuse before stopping anything: a disk `up` would refuse must not leave the VM down.
+        images.check_disks(dmz, lifecycle.selected_vms(dmz, vm))
         print_outcome(lifecycle.down(virt, dmz, vm, timeout, keep_network=True, say=say), "stop")
         print_outcome(lifecycle.up(virt, dmz, vm, say=say), "start")
 

@@ -37,6 +37,7 @@ PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "sctp")
 BOOT = ("hd", "cdrom", "kernel")
 GRAPHICS = ("vnc", "spice", "none")
 VIRT_TYPES = ("auto", "kvm", "qemu")
+DISK_FORMATS = ("raw", "qcow2")
 IFNAMSIZ = 15
 MIN_MEMORY_MIB = 64
 
@@ -45,6 +46,8 @@ DMZ_KEYS = {
     "egress", "isolate_vms", "log_rate", "log_burst", "allow", "block_private_ranges",
 }
 ALLOW_KEYS = {"to", "proto", "port", "from"}
+IMAGE_KEYS = {"path", "format"}
+DISK_KEYS = IMAGE_KEYS | {"backing"}
 VM_KEYS = {
     "name", "memory", "vcpus", "disks", "cdrom", "boot", "kernel", "initrd",
     "cmdline", "ip", "ip6", "mac", "graphics", "shutdown_timeout", "autostart",
@@ -69,11 +72,37 @@ class Hole:
 
 
 @dataclass(frozen=True)
+class Image:
+    """One file of a disk's chain and its format, as the config says: never read from the file,
+    which the guest may have written (CVE-2010-2237/2238/2239)."""
+
+    path: Path
+    format: str  # raw | qcow2
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: Path
+    format: str  # raw | qcow2
+    backing: tuple[Image, ...] = ()  # the backing chain, outermost first; empty: self-contained
+
+    @property
+    def chain(self) -> tuple[Image, ...]:
+        """Every file of the disk, outermost (the one the guest writes) first."""
+        return (Image(self.path, self.format),) + self.backing
+
+
+def default_format(path: str) -> str:
+    """The format a disk has when the config names none: from its name, never from its content."""
+    return "qcow2" if path.lower().endswith(".qcow2") else "raw"
+
+
+@dataclass(frozen=True)
 class VM:
     name: str
     memory_mib: int
     vcpus: int
-    disks: tuple[Path, ...]
+    disks: tuple[Disk, ...]
     cdrom: Optional[Path]
     boot: str
     kernel: Optional[Path]
@@ -536,13 +565,12 @@ def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
         if vcpus is not None and not 1 <= vcpus <= 256:
             check.problem(f"{where}.vcpus", f"{vcpus} must be between 1 and 256")
 
-        disks: list[Path] = []
+        disks: list[Disk] = []
         raw_disks = check.typed(table, "disks", list, where, default=[])
-        for disk_index, disk in enumerate(raw_disks or []):
-            if not isinstance(disk, str) or not disk.startswith("/"):
-                check.problem(f"{where}.disks[{disk_index + 1}]", f"must be an absolute path; got {disk!r}")
-            else:
-                disks.append(Path(disk))
+        for disk_index, entry in enumerate(raw_disks or []):
+            disk = _parse_disk(check, entry, f"{where}.disks[{disk_index + 1}]")
+            if disk is not None:
+                disks.append(disk)
         paths = {}
         for key in ("cdrom", "kernel", "initrd", "domain_xml"):
             value = check.typed(table, key, str, where)
@@ -557,9 +585,11 @@ def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
             check.problem(f"{where}.boot", "'cdrom' needs vm.cdrom, the image to boot from")
         if boot == "kernel" and paths["kernel"] is None:
             check.problem(f"{where}.boot", "'kernel' needs vm.kernel, the kernel image to boot")
-        if boot == "hd" and not disks and "boot" in table:
+        # Disks given but wrong are reported on their own, not also as "nothing to boot".
+        no_disks = raw_disks is not None and not raw_disks
+        if boot == "hd" and no_disks and "boot" in table:
             check.problem(f"{where}.boot", "'hd' needs at least one entry in vm.disks")
-        if boot == "hd" and not disks and "boot" not in table:
+        if boot == "hd" and no_disks and "boot" not in table:
             check.problem(where, "nothing to boot: give vm.disks, vm.kernel or vm.cdrom with boot = 'cdrom'")
         for key in ("initrd",):
             if paths[key] is not None and paths["kernel"] is None:
@@ -636,6 +666,58 @@ def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
             virt_type=virt_type, domain_xml=paths["domain_xml"],
         ))
     return vms
+
+
+def _parse_image(check: _Checker, entry: Any, where: str, keys: set) -> Optional[Image]:
+    """A path string (format from its extension) or a table { path = ..., format = ... }."""
+    if isinstance(entry, str):
+        path, chosen = entry, default_format(entry)
+        if not path.startswith("/"):
+            check.problem(where, f"must be an absolute path; got {path!r}")
+            return None
+        return Image(Path(path), chosen)
+    if not isinstance(entry, dict):
+        check.problem(where, f"must be an absolute path or a table {{ path = \"/...\", format = \"raw\" }}; "
+                             f"got {entry!r}")
+        return None
+    check.unknown_keys(entry, keys, where)
+    path = check.typed(entry, "path", str, where, required=True)
+    if path is not None and not path.startswith("/"):
+        check.problem(f"{where}.path", f"must be an absolute path; got {path!r}")
+        path = None
+    chosen = check.choice(entry, "format", DISK_FORMATS, where, default_format(path or ""))
+    if path is None or chosen is None:
+        return None
+    return Image(Path(path), chosen)
+
+
+def _parse_disk(check: _Checker, entry: Any, where: str) -> Optional[Disk]:
+    top = _parse_image(check, entry, where, DISK_KEYS)
+    raw_backing = entry.get("backing", []) if isinstance(entry, dict) else []
+    if not isinstance(raw_backing, list):
+        check.problem(f"{where}.backing", f"must be a list of files, outermost first, each a path or "
+                                          f"{{ path = ..., format = ... }}; got {raw_backing!r}")
+        return None
+    layers = [_parse_image(check, layer, f"{where}.backing[{index + 1}]", IMAGE_KEYS)
+              for index, layer in enumerate(raw_backing)]
+    if top is not None and top.format == "raw" and raw_backing:
+        check.problem(f"{where}.backing", "a raw disk has no backing file; set format = \"qcow2\" or "
+                                          "remove backing")
+        return None
+    seen = {top.path} if top is not None else set()
+    for index, layer in enumerate(layers):
+        if layer is None:
+            continue
+        if layer.format == "raw" and index < len(layers) - 1:
+            check.problem(f"{where}.backing[{index + 1}]", f"{layer.path} is raw, so it has no backing file: "
+                                                           f"a raw layer can only come last")
+        if layer.path in seen:
+            check.problem(f"{where}.backing[{index + 1}]", f"{layer.path} is already in this disk's chain; "
+                                                           f"a chain cannot loop")
+        seen.add(layer.path)
+    if top is None or None in layers:
+        return None
+    return Disk(top.path, top.format, tuple(layers))
 
 
 def load_all(paths: list[Path]) -> list[DMZ]:

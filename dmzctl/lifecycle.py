@@ -19,7 +19,7 @@ from . import events, install
 from .config import DMZ
 from .desired import DesiredDMZ, build
 from .errors import DmzctlError, HostError, LockedError
-from .host import facts, nft
+from .host import facts, images, nft
 from .host.virt import Virt, check_owned, domains_of, owner_of
 from .plan import decide_domain, decide_firewall, decide_network, decide_nwfilters, same_filter
 from .render.base import to_string
@@ -82,38 +82,16 @@ def require_root() -> None:
 
 
 def host_facts(virt: Virt, dmz: DMZ) -> HostFacts:
+    """What rendering needs from the host; never anything read from a disk image (see images.py)."""
     override = os.environ.get("DMZCTL_VIRT_TYPE") or None
     if override not in (None, "kvm", "qemu"):
         raise HostError(f"DMZCTL_VIRT_TYPE must be kvm or qemu; got {override!r}")
-    formats = {}
-    for vm in dmz.vms:
-        for disk in vm.disks:
-            detected = _image_format(disk)
-            if detected:
-                formats[disk] = detected
-    return HostFacts(kvm_usable=virt.kvm_usable(), virt_type_override=override, disk_formats=formats)
+    return HostFacts(kvm_usable=virt.kvm_usable(), virt_type_override=override)
 
 
 def desired_state(virt: Virt, dmz: DMZ) -> DesiredDMZ:
     """The DMZ as `up` would make it on this host now: with the host's facts and networks."""
     return build(dmz, host_facts(virt, dmz), facts.host_view())
-
-
-def _image_format(path: Path) -> Optional[str]:
-    """The format qemu-img reads from the image itself, when it can."""
-    import json
-    import subprocess
-
-    if not path.exists():
-        return None
-    try:
-        result = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)],
-                                capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if result.returncode != 0:
-        return None
-    return json.loads(result.stdout).get("format")
 
 
 def preflight(virt: Virt, desired: DesiredDMZ, vm_names: list[str]) -> None:
@@ -138,12 +116,13 @@ def preflight(virt: Virt, desired: DesiredDMZ, vm_names: list[str]) -> None:
     for vm in dmz.vms:
         if vm.name not in vm_names:
             continue
-        for label, path in ([("disk", d) for d in vm.disks] + [("cdrom", vm.cdrom), ("kernel", vm.kernel),
-                                                                ("initrd", vm.initrd)]):
+        layers = [("disk", image.path) for disk in vm.disks for image in disk.chain]
+        for label, path in layers + [("cdrom", vm.cdrom), ("kernel", vm.kernel), ("initrd", vm.initrd)]:
             if path is not None and not path.exists():
                 missing.append(f"vm[{vm.name}].{label} {path}")
     if missing:
         raise HostError("missing file(s): " + "; ".join(missing))
+    images.check_disks(dmz, vm_names)
 
 
 BRIDGE_NETFILTER = {4: Path("/proc/sys/net/bridge/bridge-nf-call-iptables"),

@@ -343,8 +343,8 @@ UP_ROWS = [
     ("build", 1, "render network, nwfilter, domain XML and nft table (desired.build)"),
     ("host_facts", 1, "host facts (lifecycle.host_facts)"),
     ("kvm_usable", 2, "getCapabilities + /proc/cpuinfo (Virt.kvm_usable)"),
-    ("qemu-img", 2, "qemu-img info per disk (lifecycle._image_format)"),
     ("preflight", 1, "ownership checks, bridge scan, file checks (lifecycle.preflight)"),
+    ("check_disks", 2, "qcow2 headers against the config (images.check_disks)"),
     ("network_of_bridge", 2, "listAllNetworks + bridgeName of each (Virt.network_of_bridge)"),
     ("_up_network", 1, "network (lifecycle._up_network)"),
     ("define_network", 2, "networkDefineXML (Virt.define_network)"),
@@ -385,7 +385,6 @@ STATUS_ROWS = [
     ("build", 1, "render the desired state (desired.build)"),
     ("host_facts", 1, "host facts (lifecycle.host_facts)"),
     ("kvm_usable", 2, "getCapabilities + /proc/cpuinfo (Virt.kvm_usable)"),
-    ("qemu-img", 2, "qemu-img info per disk (lifecycle._image_format)"),
     ("table_exists", 1, "`list table` (nft.table_exists)"),
     ("firewall_in_sync", 1, "compare live table with the config (lifecycle.firewall_in_sync)"),
     ("list_table", 2, "libnftables `list table` as JSON (nft.list_table)"),
@@ -398,7 +397,7 @@ STATUS_ROWS = [
 @contextmanager
 def probed(kind: str):
     from dmzctl import events, lifecycle, status
-    from dmzctl.host import nft
+    from dmzctl.host import images, nft
     from dmzctl.host.virt import Virt
 
     probe = Probe()
@@ -442,7 +441,7 @@ def probed(kind: str):
             probe.wrap(nft, "list_table", "list_table")
             probe.wrap(Virt, "dhcp_leases", "dhcp_leases")
         probe.wrap(Virt, "kvm_usable", "kvm_usable")
-        probe.wrap(lifecycle, "_image_format", "qemu-img")
+        probe.wrap(images, "check_disks", "check_disks")
         probe.wrap(nft, "kernel_form", "kernel_form")
         probe.wrap(nft, "table_exists", "table_exists")
         probe.wrap(Virt, "domain_info", "domain_info")
@@ -1150,8 +1149,8 @@ class Bench:
         add(f"Written by `scripts/bench_lifecycle.py{quick} --runs {self.runs}` (issue 3): every figure below "
             f"comes from that one run, on the machine described, against the real libvirtd with the tiny test "
             f"guest (direct kernel boot, 128 MiB, 1 vCPU, TCG) in a DMZ `{DMZ_NAME}` (route mode, {SUBNET}, "
-            f"protected {PROTECTED}, one VM `{VM}` with a 16 MiB qcow2 data disk so that `up` and `status` probe "
-            f"it with qemu-img as they would a real VM's disk). Cells are **min / median / max** over the runs. "
+            f"protected {PROTECTED}, one VM `{VM}` with a 16 MiB qcow2 data disk whose header `up` checks "
+            f"against the config as it would a real VM's disk). Cells are **min / median / max** over the runs. "
             f"Nothing is asserted: other engineers run tests on the same 2-core machine, so the load average is "
             f"recorded with each section, and single runs can be far off the median.")
         add("## Machine")
@@ -1283,7 +1282,7 @@ class Bench:
                 f"{fmt(m['raw'])}: the domain start (~{fmt(median(in_start))}, libvirt and QEMU) is nearly all of "
                 f"it. Without it: dmzctl {fmt(m['in_rest'])} vs raw {fmt(m['raw_rest'])} (medians of different runs, "
                 f"so within each other's noise). Measured inside the same call, dmzctl's own work (rendering, host "
-                f"facts with qemu-img, ownership checks, filter comparisons, `list table` checks, the network's "
+                f"facts, qcow2 header checks, ownership checks, filter comparisons, `list table` checks, the network's "
                 f"setAutostart, event log) is {fmt(m['own'])} per first `up` (breakdown below). A cold CLI process adds its interpreter start and imports "
                 f"(median {fmt(median(up['import_dmzctl']))} for dmzctl's modules with the libvirt and nftables "
                 f"bindings), config parsing and connecting. The second, no-op `up`: "

@@ -124,7 +124,7 @@ def test_up_section(report):
     assert raw_steps[:3] == ["open connection", "networkDefineXML", "network create (no setAutostart)"]
     assert "domain create" in raw_steps and "nft apply (libnftables json_cmd)" in raw_steps
     breakdown_rows = " ".join(row[0] for row in tables[2][1:])
-    for part in ("lifecycle.preflight", "nft.kernel_form", "lifecycle._image_format", "Virt.start_domain"):
+    for part in ("lifecycle.preflight", "nft.kernel_form", "images.check_disks", "Virt.start_domain"):
         assert part in breakdown_rows, part
     assert len(tables) == 4  # summary, raw steps, first up, no-op up
 

@@ -326,7 +326,40 @@ CASES = [
     case("disk-relative", [S("vm[0].disks", ["/ok.qcow2", "web.qcow2"])], "vm[web].disks[2]",
          "must be an absolute path; got 'web.qcow2'"),
     case("disk-not-string", [S("vm[0].disks", ["/ok.qcow2", 5])], "vm[web].disks[2]",
-         "must be an absolute path; got 5"),
+         'must be an absolute path or a table { path = "/...", format = "raw" }; got 5'),
+    case("disk-table-path-missing", [S("vm[0].disks[0]", {"format": "qcow2"})], "vm[web].disks[1].path",
+         "required but missing"),
+    case("disk-table-path-relative", [S("vm[0].disks[0]", {"path": "web.qcow2"})], "vm[web].disks[1].path",
+         "must be an absolute path; got 'web.qcow2'"),
+    case("disk-format-choice", [S("vm[0].disks[0]", {"path": "/web.vmdk", "format": "vmdk"})],
+         "vm[web].disks[1].format", "must be one of raw, qcow2; got 'vmdk'"),
+    case("disk-unknown-key", [S("vm[0].disks[0]", {"path": "/web.qcow2", "fromat": "qcow2"})],
+         "vm[web].disks[1].fromat", "unknown key; did you mean 'format'?"),
+    case("disk-backing-not-list", [S("vm[0].disks[0]", {"path": "/web.qcow2", "backing": "/base.qcow2"})],
+         "vm[web].disks[1].backing", "must be a list of files, outermost first, each a path or"),
+    case("disk-raw-with-backing", [S("vm[0].disks[0]", {"path": "/web.img", "backing": ["/base.qcow2"]})],
+         "vm[web].disks[1].backing", 'a raw disk has no backing file; set format = "qcow2" or remove backing'),
+    case("disk-backing-relative", [S("vm[0].disks[0]", {"path": "/web.qcow2", "backing": ["base.qcow2"]})],
+         "vm[web].disks[1].backing[1]", "must be an absolute path; got 'base.qcow2'"),
+    case("disk-backing-layer-not-table", [S("vm[0].disks[0]", {"path": "/web.qcow2", "backing": [5]})],
+         "vm[web].disks[1].backing[1]", "must be an absolute path or a table"),
+    case("disk-backing-path-missing", [S("vm[0].disks[0]", {"path": "/web.qcow2", "backing": [{"format": "raw"}]})],
+         "vm[web].disks[1].backing[1].path", "required but missing"),
+    case("disk-backing-format-choice",
+         [S("vm[0].disks[0]", {"path": "/web.qcow2", "backing": [{"path": "/base", "format": "vdi"}]})],
+         "vm[web].disks[1].backing[1].format", "must be one of raw, qcow2; got 'vdi'"),
+    case("disk-backing-nested-backing",
+         [S("vm[0].disks[0]", {"path": "/web.qcow2", "backing": [{"path": "/base.qcow2", "backing": []}]})],
+         "vm[web].disks[1].backing[1].backing", "unknown key; known keys: format, path"),
+    case("disk-backing-raw-not-last",
+         [S("vm[0].disks[0]", {"path": "/web.qcow2", "backing": ["/base.raw", "/debian.qcow2"]})],
+         "vm[web].disks[1].backing[1]", "/base.raw is raw, so it has no backing file: a raw layer can only come last"),
+    case("disk-backing-loops-to-disk",
+         [S("vm[0].disks[0]", {"path": "/web.qcow2", "backing": ["/base.qcow2", "/web.qcow2"]})],
+         "vm[web].disks[1].backing[2]", "/web.qcow2 is already in this disk's chain; a chain cannot loop"),
+    case("disk-backing-loops-inside",
+         [S("vm[0].disks[0]", {"path": "/web.qcow2", "backing": ["/base.qcow2", "/base.qcow2"]})],
+         "vm[web].disks[1].backing[2]", "is already in this disk's chain"),
     case("cdrom-relative", [S("vm[0].cdrom", "debian.iso")], "vm[web].cdrom",
          "must be an absolute path; got 'debian.iso'"),
     case("kernel-relative", [S("vm[0].kernel", "vmlinuz"), S("vm[0].boot", "hd")], "vm[web].kernel",
@@ -513,6 +546,44 @@ def test_examples_validate():
     assert [vm.name for vm in pub.vms] == ["web", "mail"]
     assert len(pub.holes) == 5
     assert pub.vm("mail").mac == "52:54:00:12:34:56"
+
+
+# --- disks: the format comes from the config, never from the file ------------------------------
+
+@pytest.mark.parametrize("entry,path,fmt", [
+    ("/var/lib/dmzctl/web.qcow2", "/var/lib/dmzctl/web.qcow2", "qcow2"),
+    ("/var/lib/dmzctl/WEB.QCOW2", "/var/lib/dmzctl/WEB.QCOW2", "qcow2"),
+    ("/var/lib/dmzctl/web.img", "/var/lib/dmzctl/web.img", "raw"),
+    ("/var/lib/dmzctl/web.qcow", "/var/lib/dmzctl/web.qcow", "raw"),  # only .qcow2 says qcow2
+    ("/var/lib/dmzctl/web", "/var/lib/dmzctl/web", "raw"),
+    ({"path": "/var/lib/dmzctl/web.img", "format": "qcow2"}, "/var/lib/dmzctl/web.img", "qcow2"),
+    ({"path": "/var/lib/dmzctl/web.qcow2", "format": "raw"}, "/var/lib/dmzctl/web.qcow2", "raw"),
+    ({"path": "/var/lib/dmzctl/web.qcow2"}, "/var/lib/dmzctl/web.qcow2", "qcow2"),
+])
+def test_disk_format_from_config_or_extension(entry, path, fmt):
+    disk = parse_dmz(build(S("vm[0].disks[0]", entry))).vm("web").disks[0]
+    assert (disk.path, disk.format, disk.backing) == (Path(path), fmt, ())
+
+
+def test_disk_backing_chain_outermost_first():
+    entry = {"path": "/d/web.qcow2", "backing": [{"path": "/d/mid.img", "format": "qcow2"}, "/d/base.qcow2",
+                                                 {"path": "/d/debian.raw"}]}
+    disk = parse_dmz(build(S("vm[0].disks[0]", entry))).vm("web").disks[0]
+    assert [(str(i.path), i.format) for i in disk.chain] == [
+        ("/d/web.qcow2", "qcow2"), ("/d/mid.img", "qcow2"), ("/d/base.qcow2", "qcow2"), ("/d/debian.raw", "raw")]
+
+
+@pytest.mark.parametrize("key", ["path", "format", "backing", "backing[0]", "backing[0].path", "backing[0].format"])
+def test_wrong_types_in_disk_tables_give_config_error(key):
+    for value in WRONG_VALUES:
+        disk = {"path": "/d/web.qcow2", "backing": [{"path": "/d/base.qcow2", "format": "qcow2"}]}
+        data = build(S("vm[0].disks[0]", disk), S(f"vm[0].disks[0].{key}", value))
+        try:
+            parse_dmz(data, Path("/x.toml"))
+        except ConfigError as exc:
+            assert all(p.startswith("/x.toml: vm[web].disks[1]") and "\n" not in p for p in exc.problems), exc.problems
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"disks[0].{key} = {value!r}: {type(exc).__name__}: {exc}")
 
 
 # --- helpers ----------------------------------------------------------------------------------

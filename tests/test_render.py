@@ -244,6 +244,28 @@ def test_per_vm_virt_type_beats_host():
     assert render_domain(dmz, relay, HostFacts(kvm_usable=False)).find("cpu").get("mode") == "host-passthrough"
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_disk_spells_out_its_chain_and_where_it_ends(config):
+    """Formats and backing layers come from the config alone and all of them are written down,
+    ending in an empty <backingStore/>: libvirt is left nothing to probe in a guest-writable file."""
+    dmz = load(config)
+    for vm in dmz.vms:
+        dom = render_domain(dmz, vm, HostFacts())
+        disks = [d for d in dom.iter("disk") if d.get("device") == "disk"]
+        assert len(disks) == len(vm.disks)
+        for element, disk in zip(disks, vm.disks):
+            written = [(element.find("driver").get("type"), element.find("source").get("file"))]
+            store = element.find("backingStore")
+            while len(store):
+                assert store.get("type") == "file"
+                written.append((store.find("format").get("type"), store.find("source").get("file")))
+                store = store.find("backingStore")
+            assert not store.attrib, "the chain must end in an empty <backingStore/>"
+            assert written == [(image.format, str(image.path)) for image in disk.chain]
+        for cdrom in (d for d in dom.iter("disk") if d.get("device") == "cdrom"):
+            assert cdrom.find("driver").get("type") == "raw" and len(cdrom.find("backingStore")) == 0
+
+
 def test_adapted_base_document_is_kept(tmp_path):
     base = tmp_path / "domain.xml"
     base.write_text((ROOT / "xml" / "domain.xml").read_text().replace(

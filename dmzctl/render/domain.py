@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 from lxml import etree
 
-from ..config import DMZ, VM
+from ..config import DMZ, VM, Image
 from .base import load_base, metadata_element, replace_child, stable_uuid, sub, xml_dir
 from .nwfilter import vm_filter_name, vm_filter_parameters
-
-EXTENSION_FORMATS = {".qcow2": "qcow2", ".qcow": "qcow2", ".img": "raw", ".raw": "raw", ".iso": "raw",
-                     ".vmdk": "vmdk", ".vdi": "vdi", ".vhdx": "vhdx"}
 
 
 @dataclass(frozen=True)
@@ -23,16 +19,11 @@ class HostFacts:
     kvm_usable: libvirt offers kvm AND the CPU has vmx/svm (libvirt lists kvm on
     hosts where guests then die with "KVM internal error").
     virt_type_override: "kvm" or "qemu" for the whole host ($DMZCTL_VIRT_TYPE).
-    disk_formats: formats read from the images by qemu-img; the extension decides otherwise.
+    Nothing about disks: their formats come from the config alone (see _disks).
     """
 
     kvm_usable: bool = False
     virt_type_override: Optional[str] = None
-    disk_formats: dict = field(default_factory=dict)
-
-
-def disk_format(path: Path, facts: HostFacts) -> str:
-    return facts.disk_formats.get(path) or EXTENSION_FORMATS.get(path.suffix.lower(), "raw")
 
 
 def virt_type(vm: VM, facts: HostFacts) -> str:
@@ -79,7 +70,7 @@ def render_domain(dmz: DMZ, vm: VM, facts: HostFacts = HostFacts(),
         for old in devices.findall(tag):
             devices.remove(old)
     # libvirt keeps devices grouped by kind; insert ours ahead of the base's own.
-    ours = _disks(vm, facts) + [_interface(dmz, vm)] + _graphics(vm)
+    ours = _disks(vm) + [_interface(dmz, vm)] + _graphics(vm)
     for element in reversed(ours):
         devices.insert(0, element)
     for serial in devices.findall("serial"):
@@ -115,22 +106,44 @@ def _render_os(dom: etree._Element, vm: VM) -> None:
         sub(os_el, "boot", dev="hd")
 
 
-def _disks(vm: VM, facts: HostFacts) -> list[etree._Element]:
+def disk_target(index: int) -> str:
+    return f"vd{chr(ord('a') + index)}"
+
+
+def _disks(vm: VM) -> list[etree._Element]:
+    """Each disk with the format the config gives it and its whole backing chain spelled out.
+
+    A guest can write anything into its disk, a qcow2 header naming a host file as backing
+    file included: so no format is ever read from an image, and libvirt is told every layer
+    and where the chain ends, leaving it nothing to probe.
+    """
     disks = []
-    for index, path in enumerate(vm.disks):
+    for index, config_disk in enumerate(vm.disks):
         disk = etree.Element("disk", type="file", device="disk")
-        sub(disk, "driver", name="qemu", type=disk_format(path, facts))
-        sub(disk, "source", file=str(path))
-        sub(disk, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
+        sub(disk, "driver", name="qemu", type=config_disk.format)
+        sub(disk, "source", file=str(config_disk.path))
+        _backing_chain(disk, config_disk.backing)
+        sub(disk, "target", dev=disk_target(index), bus="virtio")
         disks.append(disk)
     if vm.cdrom is not None:
         cdrom = etree.Element("disk", type="file", device="cdrom")
         sub(cdrom, "driver", name="qemu", type="raw")
         sub(cdrom, "source", file=str(vm.cdrom))
+        _backing_chain(cdrom, ())
         sub(cdrom, "target", dev="hdc", bus="ide")
         sub(cdrom, "readonly")
         disks.append(cdrom)
     return disks
+
+
+def _backing_chain(parent: etree._Element, layers: tuple[Image, ...]) -> None:
+    """Nested <backingStore> elements, outermost first, each with its format; the innermost
+    holds an empty <backingStore/>: the chain ends there, whatever a header says."""
+    for layer in layers:
+        parent = sub(parent, "backingStore", type="file")
+        sub(parent, "format", type=layer.format)
+        sub(parent, "source", file=str(layer.path))
+    sub(parent, "backingStore")
 
 
 def _interface(dmz: DMZ, vm: VM) -> etree._Element:
