@@ -341,6 +341,57 @@ def test_dhcp_server_answers_and_router_advertisements_are_dropped(world):
     assert not sniffer.seen(icmp6_from_guest(134)), "a router advertisement left the VM"
 
 
+def perl_dhcp_discover(chaddr: str) -> str:
+    """A perl one-liner for the guest: a DHCPDISCOVER from its own MAC asking for a lease for another
+    client address (chaddr), as a pool-exhaustion attack sends by the thousand."""
+    hexmac = chaddr.replace(":", "")
+    return ("perl -e 'socket(S,2,2,17) or die $!; setsockopt(S,1,6,pack(\"i\",1)); "
+            "bind(S,pack(\"S n C4 x8\",2,68,0,0,0,0)) or die \"bind $!\"; "
+            "$p=pack(\"C4 N n n a4 a4 a4 a4 a16 a64 a128 C4 C3 C\",1,1,6,0,0x1234abcd,0,0x8000,"
+            f"\"\",\"\",\"\",\"\",pack(\"H12\",\"{hexmac}\"),\"\",\"\",99,130,83,99,53,1,1,255); "
+            "send(S,$p,0,pack(\"S n C4 x8\",2,67,255,255,255,255)) or die \"send $!\"'")
+
+
+def dhcp_offer_for(chaddr: str):
+    wanted = bytes.fromhex(chaddr.replace(":", ""))
+
+    def match(frame: bytes) -> bool:
+        if ethertype(frame) != 0x0800 or frame[23] != 17:
+            return False
+        ihl = (frame[14] & 0x0F) * 4
+        udp = 14 + ihl
+        sport = int.from_bytes(frame[udp:udp + 2], "big")
+        bootp = udp + 8
+        return sport == 67 and frame[bootp] == 2 and frame[bootp + 28:bootp + 34] == wanted
+    return match
+
+
+def test_dhcp_pool_cannot_be_exhausted_with_made_up_client_addresses(world):
+    """Every VM of the DMZ has a static lease, so the network has no dynamic range: dnsmasq answers the
+    VM's own MAC and nothing else. With a dynamic range added (the defence removed), the same DISCOVER
+    gets an offer: the silence is the missing range's doing."""
+    sniffer = world["sniffer"]
+    made_up = "52:54:00:aa:bb:01"
+    sniffer.clear()
+    assert guest_ok(perl_dhcp_discover(world["mac"]))
+    assert sniffer.seen(dhcp_offer_for(world["mac"]), wait=8), "positive control: an offer for the VM's own MAC"
+    sniffer.clear()
+    assert guest_ok(perl_dhcp_discover(made_up))
+    assert not sniffer.seen(dhcp_offer_for(made_up), wait=8), "dnsmasq offered a lease to a made-up client"
+    leases = subprocess.run(["virsh", "-q", "net-dhcp-leases", DMZ], capture_output=True, text=True).stdout
+    assert made_up not in leases
+    added = ["virsh", "-q", "net-update", DMZ, "add", "ip-dhcp-range",
+             "<range start='10.243.0.200' end='10.243.0.210'/>", "--live"]
+    subprocess.run(added, check=True, capture_output=True)
+    try:
+        sniffer.clear()
+        assert guest_ok(perl_dhcp_discover(made_up))
+        assert sniffer.seen(dhcp_offer_for(made_up), wait=10), "with a range, the made-up client got no offer"
+    finally:
+        subprocess.run(["virsh", "-q", "net-update", DMZ, "delete", "ip-dhcp-range",
+                        "<range start='10.243.0.200' end='10.243.0.210'/>", "--live"], capture_output=True)
+
+
 def test_the_uplink_subnet_is_blocked_without_being_listed(world):
     """The host's uplink (the wan link here) is nobody's protected subnet, yet the guest cannot reach the
     router on it, while the internet behind that router answers."""

@@ -82,6 +82,7 @@ VM_A = ("10.238.0.10", "fdd0:238::10")
 VM_B = ("198.18.88.10", "2001:db8:88::10")
 HOST_NET = ("198.18.77.10", "2001:db8:77::10")
 LIBVIRT_HOST = "198.18.99.10"
+METADATA = "169.254.169.254"  # routed to the wan router here, so that nothing ever leaves this machine
 
 # (label, destination, proto, port, expected, the class that blocks it, or None)
 ROWS = [
@@ -94,10 +95,19 @@ ROWS = [
     ("a host subnet, IPv6", HOST_NET[1], "tcp", 80, "block", "host-net"),
     ("a libvirt network", LIBVIRT_HOST, "tcp", 80, "block", "host-net"),
     ("a private network beyond the uplink", PRIVATE_BEYOND[0], "tcp", 80, "block", "private"),
+    ("the cloud metadata address", METADATA, "tcp", 80, "block", "private"),
     ("a private network beyond the uplink, IPv6", PRIVATE_BEYOND[1], "udp", 5000, "block", "private"),
     ("the internet", INTERNET[0], "tcp", 80, "pass", None),
     ("the internet, IPv6", INTERNET[1], "tcp", 80, "pass", None),
+    # Tunnels: what counts is the outer destination, whatever the protocol carries.
+    ("IP-in-IP to a host subnet", HOST_NET[0], "ipip", None, "block", "host-net"),
+    ("IPv6-in-IPv4 to a host subnet", HOST_NET[0], "6in4", None, "block", "host-net"),
+    ("GRE to the other DMZ", VM_B[0], "gre", None, "block", "other-dmz"),
+    ("GRE over IPv6 to a private network", PRIVATE_BEYOND[1], "gre", None, "block", "private"),
+    ("IP-in-IP to the internet", INTERNET[0], "ipip", None, "pass", None),
+    ("IPv6-in-IPv4 to the internet", INTERNET[0], "6in4", None, "pass", None),
 ]
+RAW = {"ipip": 4, "6in4": 41, "gre": 47}
 
 
 def dmzctl(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -142,6 +152,13 @@ class Site:
     def __enter__(self):
         self.world.__enter__()
         try:
+            wan = self.world.nodes["wan"]
+            wan.add_address(f"{METADATA}/32")
+            wan.sink.stop()
+            wan.sink = Sink(self.workdir, "wan2", wan.netns, [a.split("/")[0] for a in wan.addresses]
+                            + list(INTERNET + PRIVATE_BEYOND) + [METADATA], [80, 81], [5000], netns.SINK_RAW)
+            ip("route", "replace", f"{METADATA}/32", "via", "10.233.0.100")
+            self.world.routes.append((f"{METADATA}/32", "10.233.0.100"))
             self.host_net = self.node("hn", [f"{HOST_NET[0]}/24", f"{HOST_NET[1]}/64"],
                                       ["198.18.77.1", "2001:db8:77::1"],
                                       host_addresses=["198.18.77.1/24", "2001:db8:77::1/64"])
@@ -179,6 +196,8 @@ class Site:
         for label, dst, proto, port, _expected, _kind in ROWS:
             spec = {"id": new_token(), "dst": dst, "proto": proto, "port": port, "timeout": TIMEOUT,
                     "src": VM_A[1] if ":" in dst else VM_A[0]}
+            if proto in RAW:
+                spec.update(proto="raw", ipproto=RAW[proto])
             if proto == "icmp":
                 spec["icmp_type"] = 128 if ":" in dst else 8
             spec["token"] = spec["id"]
@@ -226,6 +245,7 @@ def test_explain_names_the_class_and_the_reason_of_each_row(site):
     reasons = {"other-dmz": "another DMZ (dmzt-ib)", "host-net": None, "private": "private range"}
     for label, dst, proto, port, expected, kind in ROWS:
         address = ipaddress.ip_address(dst)
+        proto = {"ipip": "4", "6in4": "41"}.get(proto, proto)
         flow = Flow(dst=address, proto="icmpv6" if proto == "icmp" and address.version == 6 else proto,
                     src=ipaddress.ip_address(VM_A[address.version == 6]), port=port)
         decision = explain(dmz, flow, blocks=blocks)
@@ -260,6 +280,47 @@ def test_each_class_alone_does_the_blocking(site):
         dmzctl("firewall", "up", str(site.a))
 
 
+def _ping(node: Node, address: str, size: int) -> bool:
+    """A ping of `size` bytes: above the links' 1500-byte MTU it leaves in fragments, both ways."""
+    argv = ["ping", "-c", "1", "-W", "2", "-s", str(size)] + (["-6"] if ":" in address else []) + [address]
+    return node.exec(argv, check=False).returncode == 0
+
+
+def test_fragmented_packets_meet_the_same_blocks(site):
+    """Conntrack reassembles fragments before the forward hook: a flow in fragments is judged as one."""
+    for address in INTERNET:
+        assert _ping(site.vm_a, address, 4000), f"positive control: fragmented ping to {address}"
+    for address in HOST_NET:
+        assert not _ping(site.vm_a, address, 4000), f"fragments reached the host subnet at {address}"
+    try:
+        for name in ("host_nets4", "host_nets6", "private4", "private6"):
+            netns.run(["nft", "flush", "set", "inet", "dmzctl-dmzt-ia", name])
+        for address in HOST_NET:
+            assert _ping(site.vm_a, address, 4000), f"teeth: with the sets flushed {address} should answer"
+    finally:
+        dmzctl("firewall", "up", str(site.a))
+
+
+def test_the_host_s_link_local_address_is_the_host_too(site):
+    """From the DMZ, the bridge's link-local address is the host: judged by the to-host chain."""
+    bridge_ll = next(i["local"] for link in json.loads(ip("-j", "addr", "show", "dev", "dmzt-ia0").stdout)
+                     for i in link["addr_info"] if i["local"].startswith("fe80"))
+    target = f"{bridge_ll}%eth0"
+    before = netns.chain_counter(load_dmz(site.a), "host")
+    assert site.vm_a.exec(["ping", "-6", "-c", "1", "-W", "2", target], check=False).returncode != 0
+    tcp = site.vm_a.exec(["python3", "-c", "import socket,sys; s=socket.socket(socket.AF_INET6); s.settimeout(2); "
+                          f"sys.exit(s.connect_ex(('{bridge_ll}', 7080, 0, socket.if_nametoindex('eth0'))))"],
+                         check=False)
+    assert tcp.returncode != 111, "a TCP reset came back from the host's link-local address"  # ECONNREFUSED
+    assert netns.chain_counter(load_dmz(site.a), "host") >= before + 2
+    # Teeth: without the table the host answers at once.
+    netns.run(["nft", "delete", "table", "inet", "dmzctl-dmzt-ia"])
+    try:
+        assert site.vm_a.exec(["ping", "-6", "-c", "1", "-W", "2", target], check=False).returncode == 0
+    finally:
+        dmzctl("firewall", "up", str(site.a))
+
+
 def test_the_other_dmz_blocks_this_one_too_after_its_up(site):
     """dmzt-ib was up first; dmzt-ia's up refreshed dmzt-ib's table with dmzt-ia's subnets."""
     assert "firewall table inet dmzctl-dmzt-ib of DMZ dmzt-ib refreshed" in site.up_a.stdout, site.up_a.stdout
@@ -275,14 +336,15 @@ def test_the_other_dmz_blocks_this_one_too_after_its_up(site):
 
 
 def test_a_new_host_subnet_makes_the_tables_stale_and_check_fix_refreshes_them(site):
-    assert json.loads(dmzctl("check", str(site.a), "--json").stdout)[0]["in_sync"]
+    dmzctl("check", str(site.a), "--fix")  # in sync with the host as it is now
+    assert json.loads(dmzctl("check", str(site.a), "--json").stdout)["in_sync"]
     ip("link", "add", "dmzt-dum0", "type", "dummy")
     try:
         ip("addr", "add", "198.18.66.1/24", "dev", "dmzt-dum0")
         ip("link", "set", "dmzt-dum0", "up")
         stale = dmzctl("check", str(site.a), "--json", check=False)
         assert stale.returncode == 1, stale.stdout + stale.stderr
-        problems = [d["problem"] for d in json.loads(stale.stdout)[0]["differences"]]
+        problems = [d["problem"] for d in json.loads(stale.stdout)["dmzs"][0]["differences"]]
         assert any(p.startswith("set host_nets4 is stale") for p in problems), problems
         # The per-VM nwfilter's host addresses are part of the same view: no VM here, none to compare.
         fixed = dmzctl("check", str(site.a), "--fix", "--json", check=False)

@@ -50,8 +50,12 @@ def render_network(dmz: DMZ, base: Optional[etree._Element] = None) -> etree._El
     ip4 = sub(net, "ip", address=str(dmz.gateway.ip), netmask=str(dmz.subnet.netmask))
     if dmz.dhcp:
         dhcp = sub(ip4, "dhcp")
-        start, end = dhcp_range(dmz.gateway)
-        sub(dhcp, "range", start=str(start), end=str(end))
+        if any(vm.ip is None for vm in dmz.vms) or not dmz.vms:
+            start, end = dhcp_range(dmz.gateway)
+            sub(dhcp, "range", start=str(start), end=str(end))
+        # else: every VM has its static lease and dnsmasq answers only those MACs (libvirt
+        # renders "dhcp-range=...,static"), so a VM that asks for leases under made-up client
+        # addresses gets none: the pool cannot be exhausted.
         for vm in dmz.vms:
             if vm.ip is not None:
                 sub(dhcp, "host", mac=vm.mac, name=vm.name, ip=str(vm.ip))
