@@ -36,6 +36,9 @@ EGRESS = ("any", "none")
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "sctp")
 BOOT = ("hd", "cdrom", "kernel")
 GRAPHICS = ("vnc", "spice", "none")
+# socket: a UNIX socket in libvirt's per-domain directory, reached through libvirt (virt-viewer,
+# virt-manager); localhost: TCP on 127.0.0.1, reachable by every local user without authentication.
+GRAPHICS_LISTEN = ("socket", "localhost")
 VIRT_TYPES = ("auto", "kvm", "qemu")
 DISK_FORMATS = ("raw", "qcow2")
 IFNAMSIZ = 15
@@ -51,8 +54,18 @@ DISK_KEYS = IMAGE_KEYS | {"backing"}
 VM_KEYS = {
     "name", "memory", "vcpus", "disks", "cdrom", "boot", "kernel", "initrd",
     "cmdline", "ip", "ip6", "mac", "graphics", "shutdown_timeout", "autostart",
-    "virt_type", "domain_xml",
+    "virt_type", "domain_xml", "graphics_listen", "limits",
 }
+LIMIT_KEYS = {"cpu_per_vcpu", "memory_max", "disk_iops", "disk_bandwidth", "net_to_vm", "net_from_vm"}
+# A rate: a number, a unit of bits or bytes (decimal k/M/G or binary Ki/Mi/Gi for bytes), optional "/s".
+BYTE_RATE_RE = re.compile(r"^([0-9]{1,12}(?:\.[0-9]{1,6})?)\s*(bit|kbit|Mbit|Gbit|B|kB|KB|MB|GB|KiB|MiB|GiB)(?:/s)?\Z")
+RATE_UNITS = {"bit": 1 / 8, "kbit": 1000 / 8, "Mbit": 1000 ** 2 / 8, "Gbit": 1000 ** 3 / 8, "B": 1,
+              "kB": 1000, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3,
+              "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
+MIN_CPU_SHARE = 0.01  # libvirt's smallest quota, 1 ms, of the 100 ms period dmzctl uses
+QEMU_OVERHEAD_MIB = 128  # memory_max must leave QEMU this much above the guest's RAM
+MIN_NET_RATE = 1000  # bytes/s: libvirt's <bandwidth> counts in kB/s (tc's kbps, 1000 bytes)
+MAX_DISK_LIMIT = 10 ** 15  # QEMU's throttle refuses more
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,21 @@ def default_format(path: str) -> str:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Optional caps on what one VM may take from the host ([vm.limits]); None is no cap."""
+
+    cpu_per_vcpu: Optional[float] = None  # share of one host CPU for each vCPU, 0.01-1
+    memory_max_mib: Optional[int] = None  # the whole QEMU process: guest RAM + QEMU's own
+    disk_iops: Optional[int] = None  # per disk, reads + writes
+    disk_bytes_per_sec: Optional[int] = None  # per disk, reads + writes
+    net_to_vm_bytes_per_sec: Optional[int] = None  # what the VM's NIC receives
+    net_from_vm_bytes_per_sec: Optional[int] = None  # what the VM's NIC sends
+
+    def __bool__(self) -> bool:
+        return any(value is not None for value in vars(self).values())
+
+
+@dataclass(frozen=True)
 class VM:
     name: str
     memory_mib: int
@@ -116,6 +144,8 @@ class VM:
     autostart: bool
     virt_type: str
     domain_xml: Optional[Path] = None  # an adapted base document instead of xml/domain.xml
+    graphics_listen: str = "socket"  # GRAPHICS_LISTEN
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -638,6 +668,11 @@ def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
             mac = default_mac(dmz_name, name)
 
         graphics = check.choice(table, "graphics", GRAPHICS, where, "vnc")
+        graphics_listen = check.choice(table, "graphics_listen", GRAPHICS_LISTEN, where, "socket")
+        if "graphics_listen" in table and graphics == "none":
+            check.problem(f"{where}.graphics_listen", "only makes sense with graphics 'vnc' or 'spice'")
+        # A disk given but invalid is reported as such, not as "no disk to limit".
+        limits = _parse_limits(check, table, where, memory, bool(table.get("disks")) or "cdrom" in table)
         timeout = check.typed(table, "shutdown_timeout", float, where, default=20, kind_name="a number of seconds")
         if timeout is not None and not 0 <= timeout <= 3600:
             check.problem(f"{where}.shutdown_timeout", f"{timeout} must be between 0 and 3600 seconds")
@@ -655,7 +690,8 @@ def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
                                                 f"its own")
             else:
                 seen[key][value] = where
-        if None in (name, memory, vcpus, boot, mac, graphics, timeout, autostart, virt_type):
+        if None in (name, memory, vcpus, boot, mac, graphics, graphics_listen, limits, timeout, autostart,
+                    virt_type):
             continue
         if ("ip" in table and ip is None) or ("ip6" in table and ip6 is None):
             continue  # already reported; holes `from` it must not claim it has no address
@@ -663,7 +699,8 @@ def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
             name=name, memory_mib=memory, vcpus=vcpus, disks=tuple(disks), cdrom=paths["cdrom"],
             boot=boot, kernel=paths["kernel"], initrd=paths["initrd"], cmdline=cmdline, ip=ip, ip6=ip6,
             mac=mac, graphics=graphics, shutdown_timeout=float(timeout), autostart=autostart,
-            virt_type=virt_type, domain_xml=paths["domain_xml"],
+            virt_type=virt_type, domain_xml=paths["domain_xml"], graphics_listen=graphics_listen,
+            limits=limits,
         ))
     return vms
 
@@ -718,6 +755,81 @@ def _parse_disk(check: _Checker, entry: Any, where: str) -> Optional[Disk]:
     if top is None or None in layers:
         return None
     return Disk(top.path, top.format, tuple(layers))
+
+
+def parse_rate(value: Any) -> float:
+    """Bytes per second from a string such as '100Mbit/s', '50MiB/s' or '10MB'."""
+    match = BYTE_RATE_RE.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError
+    return float(match.group(1)) * RATE_UNITS[match.group(2)]
+
+
+def _parse_limits(check: _Checker, table: dict, where: str, memory: Optional[int],
+                  has_disk: bool) -> Optional[Limits]:
+    """[vm.limits]; None when it has a problem (already reported)."""
+    raw = check.typed(table, "limits", dict, where, default={}, kind_name="a table [vm.limits]")
+    if raw is None:
+        return None
+    where = f"{where}.limits"
+    check.unknown_keys(raw, LIMIT_KEYS, where)
+    ok = not (set(raw) - LIMIT_KEYS)
+
+    cpu = check.typed(raw, "cpu_per_vcpu", float, where, kind_name="a number (share of one host CPU)")
+    if cpu is not None and not MIN_CPU_SHARE <= cpu <= 1:
+        check.problem(f"{where}.cpu_per_vcpu", f"{cpu} must be between {MIN_CPU_SHARE} and 1 (a share of one "
+                                               f"host CPU for each vCPU; leave it out for no cap)")
+        cpu = None
+    ok &= cpu is not None or "cpu_per_vcpu" not in raw
+
+    memory_max = None
+    if "memory_max" in raw:
+        try:
+            memory_max = parse_memory(raw["memory_max"])
+        except ValueError:
+            check.problem(f"{where}.memory_max", f"{raw['memory_max']!r} must be a size such as '1GiB' or "
+                                                 f"'768MiB' (an integer is MiB)")
+        if memory_max is not None and memory is not None and memory_max < memory + QEMU_OVERHEAD_MIB:
+            check.problem(f"{where}.memory_max", f"{memory_max} MiB leaves QEMU too little above the guest's "
+                                                 f"{memory} MiB (vm.memory); the kernel would kill the VM: give "
+                                                 f"at least {memory + QEMU_OVERHEAD_MIB} MiB")
+            memory_max = None
+        ok &= memory_max is not None
+
+    iops = check.typed(raw, "disk_iops", int, where)
+    if iops is not None and not 1 <= iops <= MAX_DISK_LIMIT:
+        check.problem(f"{where}.disk_iops", f"{iops} must be between 1 and {MAX_DISK_LIMIT}")
+        iops = None
+    ok &= iops is not None or "disk_iops" not in raw
+
+    rates = {}
+    for key in ("disk_bandwidth", "net_to_vm", "net_from_vm"):
+        if key not in raw:
+            continue
+        try:
+            rate = parse_rate(raw[key])
+        except ValueError:
+            check.problem(f"{where}.{key}", f"{raw[key]!r} must be a rate with its unit, such as '100Mbit/s', "
+                                            f"'50MiB/s' or '10MB/s'")
+            ok = False
+            continue
+        minimum = MIN_NET_RATE if key.startswith("net") else 1
+        if not minimum <= rate <= MAX_DISK_LIMIT:
+            check.problem(f"{where}.{key}", f"{raw[key]!r} is out of range; use between "
+                                            f"{'8kbit/s' if minimum > 1 else '1B/s'} and 1000TB/s")
+            ok = False
+            continue
+        rates[key] = round(rate)
+
+    for key in ("disk_iops", "disk_bandwidth"):
+        if key in raw and not has_disk:
+            check.problem(f"{where}.{key}", "the VM has no disk to limit (vm.disks, vm.cdrom)")
+            ok = False
+    if not ok:
+        return None
+    return Limits(cpu_per_vcpu=cpu, memory_max_mib=memory_max, disk_iops=iops,
+                  disk_bytes_per_sec=rates.get("disk_bandwidth"), net_to_vm_bytes_per_sec=rates.get("net_to_vm"),
+                  net_from_vm_bytes_per_sec=rates.get("net_from_vm"))
 
 
 def load_all(paths: list[Path]) -> list[DMZ]:

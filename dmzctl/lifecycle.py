@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from . import events, install
-from .config import DMZ
+from .config import DMZ, VM
 from .desired import DesiredDMZ, build
 from .errors import DmzctlError, HostError, LockedError
 from .host import facts, images, nft
@@ -331,10 +331,33 @@ def _up_domain(virt: Virt, desired: DesiredDMZ, name: str, restart_changed: bool
     if not virt.is_running(dom):
         say(f"{dmz.name}: starting {name}")
         began = time.monotonic()
-        virt.start_domain(dom)
+        try:
+            virt.start_domain(dom)
+        except HostError as error:
+            hint = limits_start_hint(str(error), vm)
+            if hint is None:
+                raise
+            raise HostError(f"{error}; {hint}") from None
         outcome.change(f"VM {name} started ({time.monotonic() - began:.1f} s)")
         events.record(f"dmz={dmz.name} vm={name} started")
         undo.add(f"VM {name} start", lambda: virt.destroy_domain(dom))
+
+
+def limits_start_hint(message: str, vm: VM) -> Optional[str]:
+    """Which [vm.limits] setting a failed start comes from, when libvirt's message tells, and what to do."""
+    where = f"vm[{vm.name}].limits"
+    limits = vm.limits
+    if limits.memory_max_mib is not None and "cannot limit locked memory" in message:
+        # libvirt 9.0 raises RLIMIT_MEMLOCK to the hard limit, which needs CAP_SYS_RESOURCE.
+        return (f"{where}.memory_max: libvirt sets QEMU's locked-memory limit to it and libvirtd lacks "
+                f"CAP_SYS_RESOURCE to do so (a container?); remove memory_max or give libvirtd that capability")
+    if (limits.net_to_vm_bytes_per_sec or limits.net_from_vm_bytes_per_sec) and "(tc " in message:
+        return (f"{where}.net_to_vm/net_from_vm: the kernel lacks traffic control libvirt shapes with "
+                f"(sch_htb, sch_sfq, cls_u32, act_police); load those modules or remove the net limits")
+    if "cgroup" in message.lower() and (limits.cpu_per_vcpu is not None or limits.memory_max_mib is not None):
+        return (f"{where}: cpu_per_vcpu and memory_max need libvirt's cgroup cpu and memory controllers; "
+                f"mount them or remove those limits")
+    return None
 
 
 def stop_domains(virt: Virt, dmz: DMZ, names: list[str], timeout: Optional[float] = None,

@@ -20,7 +20,7 @@ import pytest
 from dmzctl import config
 from dmzctl.config import (
     ALLOW_KEYS, DMZ_KEYS, MAC_RE, BRIDGE_RE, VM_KEYS, IFNAMSIZ, default_bridge, default_mac, load_all,
-    load_dmz, parse_dmz, parse_memory,
+    load_dmz, parse_dmz, parse_memory, parse_rate,
 )
 from dmzctl.errors import ConfigError
 
@@ -50,8 +50,10 @@ BASE = {
     },
     "vm": [
         {"name": "web", "memory": "1GiB", "vcpus": 2, "disks": ["/var/lib/dmzctl/web.qcow2"],
-         "ip": "192.168.100.10", "ip6": "fd42:100::10", "graphics": "vnc", "shutdown_timeout": 20,
-         "autostart": True, "virt_type": "auto"},
+         "ip": "192.168.100.10", "ip6": "fd42:100::10", "graphics": "vnc", "graphics_listen": "socket",
+         "shutdown_timeout": 20, "autostart": True, "virt_type": "auto",
+         "limits": {"cpu_per_vcpu": 0.5, "memory_max": "1536MiB", "disk_iops": 500, "disk_bandwidth": "50MiB/s",
+                    "net_to_vm": "100Mbit/s", "net_from_vm": "20Mbit/s"}},
         {"name": "mail", "memory": 768, "disks": ["/var/lib/dmzctl/mail.qcow2"], "cdrom": "/srv/iso/debian.iso",
          "boot": "cdrom", "ip": "192.168.100.25", "ip6": "fd42:100::25", "mac": "52:54:00:12:34:56",
          "graphics": "spice"},
@@ -201,6 +203,10 @@ CASES = [
          "must be one of vnc, spice, none; got 'rdp'"),
     case("virt-type-choice", [S("vm[0].virt_type", "xen")], "vm[web].virt_type",
          "must be one of auto, kvm, qemu; got 'xen'"),
+    case("graphics-listen-choice", [S("vm[0].graphics_listen", "0.0.0.0")], "vm[web].graphics_listen",
+         "must be one of socket, localhost; got '0.0.0.0'"),
+    case("graphics-listen-without-graphics", [S("vm[2].graphics_listen", "localhost")], "vm[tiny].graphics_listen",
+         "only makes sense with graphics 'vnc' or 'spice'"),
     # --- names
     case("dmz-name-characters", [S("dmz.name", "Pub_1")], "dmz.name", "'Pub_1' must be 1-32 characters of a-z, 0-9"),
     case("dmz-name-too-long", [S("dmz.name", "a" * 33)], "dmz.name", "must be 1-32 characters"),
@@ -373,7 +379,7 @@ CASES = [
     case("boot-kernel-without-kernel", [S("vm[0].boot", "kernel")], "vm[web].boot",
          "'kernel' needs vm.kernel, the kernel image to boot"),
     case("boot-hd-without-disks", [S("vm[2].boot", "hd")], "vm[tiny].boot", "'hd' needs at least one entry in vm.disks"),
-    case("nothing-to-boot", [D("vm[0].disks")], "vm[web]",
+    case("nothing-to-boot", [D("vm[0].disks"), D("vm[0].limits")], "vm[web]",
          "nothing to boot: give vm.disks, vm.kernel or vm.cdrom with boot = 'cdrom'"),
     case("initrd-without-kernel", [S("vm[0].initrd", "/boot/initrd.img")], "vm[web].initrd",
          "only makes sense with vm.kernel (direct kernel boot)"),
@@ -413,6 +419,45 @@ CASES = [
          "-1 must be between 0 and 3600 seconds"),
     case("shutdown-timeout-too-long", [S("vm[0].shutdown_timeout", 3600.5)], "vm[web].shutdown_timeout",
          "3600.5 must be between 0 and 3600 seconds"),
+    # --- [vm.limits]
+    case("limits-not-a-table", [S("vm[0].limits", 5)], "vm[web].limits", "must be a table [vm.limits], got 5"),
+    case("limits-unknown-key", [S("vm[0].limits.memory", "2GiB")], "vm[web].limits.memory",
+         "unknown key; did you mean 'memory_max'?"),
+    case("limits-cpu-not-a-number", [S("vm[0].limits.cpu_per_vcpu", "50%")], "vm[web].limits.cpu_per_vcpu",
+         "must be a number (share of one host CPU), got '50%'"),
+    case("limits-cpu-zero", [S("vm[0].limits.cpu_per_vcpu", 0)], "vm[web].limits.cpu_per_vcpu",
+         "0 must be between 0.01 and 1 (a share of one host CPU for each vCPU; leave it out for no cap)"),
+    case("limits-cpu-more-than-a-cpu", [S("vm[0].limits.cpu_per_vcpu", 1.5)], "vm[web].limits.cpu_per_vcpu",
+         "1.5 must be between 0.01 and 1"),
+    case("limits-memory-max-malformed", [S("vm[0].limits.memory_max", "lots")], "vm[web].limits.memory_max",
+         "'lots' must be a size such as '1GiB' or '768MiB' (an integer is MiB)"),
+    case("limits-memory-max-too-small", [S("vm[0].limits.memory_max", "1GiB")], "vm[web].limits.memory_max",
+         "1024 MiB leaves QEMU too little above the guest's 1024 MiB (vm.memory); the kernel would kill the VM: "
+         "give at least 1152 MiB"),
+    case("limits-memory-max-with-bad-memory-reported-once", [S("vm[0].memory", "lots")], "vm[web].memory",
+         "'lots' must be an integer (MiB)"),
+    case("limits-disk-iops-not-integer", [S("vm[0].limits.disk_iops", "fast")], "vm[web].limits.disk_iops",
+         "must be an integer, got 'fast'"),
+    case("limits-disk-iops-zero", [S("vm[0].limits.disk_iops", 0)], "vm[web].limits.disk_iops",
+         "0 must be between 1 and 1000000000000000"),
+    case("limits-rate-without-unit", [S("vm[0].limits.disk_bandwidth", "50M")], "vm[web].limits.disk_bandwidth",
+         "'50M' must be a rate with its unit, such as '100Mbit/s', '50MiB/s' or '10MB/s'"),
+    case("limits-rate-integer", [S("vm[0].limits.net_to_vm", 100)], "vm[web].limits.net_to_vm",
+         "100 must be a rate with its unit"),
+    case("limits-rate-unit-case", [S("vm[0].limits.net_from_vm", "20mbit/s")], "vm[web].limits.net_from_vm",
+         "'20mbit/s' must be a rate with its unit"),
+    case("limits-rate-zero", [S("vm[0].limits.disk_bandwidth", "0MiB/s")], "vm[web].limits.disk_bandwidth",
+         "'0MiB/s' is out of range; use between 1B/s and 1000TB/s"),
+    case("limits-net-rate-below-libvirts-unit", [S("vm[0].limits.net_from_vm", "4kbit/s")],
+         "vm[web].limits.net_from_vm", "'4kbit/s' is out of range; use between 8kbit/s and 1000TB/s"),
+    case("limits-rate-too-high", [S("vm[0].limits.net_to_vm", "2000000GB/s")], "vm[web].limits.net_to_vm",
+         "is out of range"),
+    case("limits-disk-without-disk", [S("vm[2].limits", {"disk_bandwidth": "10MB/s"})],
+         "vm[tiny].limits.disk_bandwidth", "the VM has no disk to limit (vm.disks, vm.cdrom)"),
+    case("limits-disk-with-bad-disk-not-reported-as-no-disk", [S("vm[0].disks", ["web.qcow2"])],
+         "vm[web].disks[1]", "must be an absolute path; got 'web.qcow2'"),
+    case("limits-problem-of-a-hole-source-reported-once", [S("vm[1].limits", {"cpu_per_vcpu": 2})],
+         "vm[mail].limits.cpu_per_vcpu", "2 must be between 0.01 and 1"),
     # --- duplicates inside one file
     case("duplicate-vm-name", [S("vm[2].name", "web")], "vm[web].name", "web is already used by vm[web]"),
     case("duplicate-vm-ip", [S("vm[2].ip", "192.168.100.10")], "vm[tiny].ip",
@@ -587,6 +632,32 @@ def test_wrong_types_in_disk_tables_give_config_error(key):
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+def test_limits_and_console_are_parsed(tmp_path):
+    dmz = load_dmz(write(tmp_path / "pub.toml", BASE))
+    web, mail = dmz.vm("web"), dmz.vm("mail")
+    assert web.graphics_listen == mail.graphics_listen == "socket"  # the default too
+    assert (web.limits.cpu_per_vcpu, web.limits.memory_max_mib, web.limits.disk_iops) == (0.5, 1536, 500)
+    assert (web.limits.disk_bytes_per_sec, web.limits.net_to_vm_bytes_per_sec,
+            web.limits.net_from_vm_bytes_per_sec) == (50 * 2 ** 20, 12_500_000, 2_500_000)
+    assert web.limits and not mail.limits  # no [vm.limits]: no cap at all
+
+
+@pytest.mark.parametrize("value, bytes_per_sec", [
+    ("100Mbit/s", 12_500_000), ("100Mbit", 12_500_000), ("1Gbit/s", 125_000_000), ("8kbit/s", 1000),
+    ("50MiB/s", 50 * 2 ** 20), ("1.5 GiB/s", 1.5 * 2 ** 30), ("10MB/s", 10 ** 7), ("10KB", 10 ** 4),
+    ("512B/s", 512), ("800bit/s", 100),
+])
+def test_parse_rate(value, bytes_per_sec):
+    assert parse_rate(value) == bytes_per_sec
+
+
+@pytest.mark.parametrize("value", ["100", 100, "100 Mbps", "100mbit", "1e3MB/s", "-5MB/s", "5MB/h", "MB/s",
+                                   "100Mbit/s\n"])
+def test_parse_rate_rejects(value):
+    with pytest.raises(ValueError):
+        parse_rate(value)
+
 
 @pytest.mark.parametrize("value,mib", [
     (512, 512), ("512", 512), ("512MiB", 512), ("512M", 512), (" 256 MiB ", 256), ("1GiB", 1024), ("2G", 2048),

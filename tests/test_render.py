@@ -213,18 +213,73 @@ def test_private_ranges_can_be_opened_by_config():
     assert "private4" in _elements(render_table(dmz))
 
 
-def test_domain_marks_ownership_and_listens_on_loopback_only():
+def test_domain_marks_ownership_and_console_listens_on_a_socket_only():
     dmz = load(ROOT / "examples" / "web-and-mail.toml")
     for vm in dmz.vms:
         dom = render_domain(dmz, vm, HostFacts())
         owned = dom.find(f"metadata/{{{NS}}}vm")
         assert owned.get("dmz") == "pub" and owned.get("hash") == dmz.config_hash
-        for graphics in dom.iter("graphics"):
-            assert graphics.get("listen") == "127.0.0.1"
-            assert [l.get("address") for l in graphics.iter("listen")] == ["127.0.0.1"]
+        graphics = dom.findall("devices/graphics")
+        assert [g.get("type") for g in graphics] == [vm.graphics]
+        # No TCP listener at all: no listen/port/autoport attribute, one socket <listen>.
+        assert [dict(g.attrib) for g in graphics] == [{"type": vm.graphics}]
+        assert [dict(l.attrib) for l in graphics[0]] == [{"type": "socket"}]
         nic = dom.find("devices/interface")
         assert nic.find("filterref").get("filter") == f"dmzctl-pub-{vm.name}"
         assert nic.find("port").get("isolated") == "yes"
+
+
+def test_console_on_loopback_when_asked_never_elsewhere():
+    dmz = load(Path(__file__).parent / "configs" / "limits.toml")
+    graphics = render_domain(dmz, dmz.vm("busy"), HostFacts()).find("devices/graphics")
+    assert graphics.get("listen") == "127.0.0.1"
+    assert [(l.get("type"), l.get("address")) for l in graphics.iter("listen")] == [("address", "127.0.0.1")]
+
+
+def test_limits_in_libvirt_units():
+    dmz = load(Path(__file__).parent / "configs" / "limits.toml")
+    busy = render_domain(dmz, dmz.vm("busy"), HostFacts())
+    # cpu_per_vcpu 0.5 with 2 vCPUs: each vCPU half a host CPU, the whole domain one.
+    assert {e.tag: e.text for e in busy.find("cputune")} == {
+        "global_period": "100000", "global_quota": "100000", "period": "100000", "quota": "50000"}
+    assert busy.find("memtune/hard_limit").get("unit") == "KiB"
+    assert busy.findtext("memtune/hard_limit") == str(1536 * 1024)
+    disks = busy.findall("devices/disk")
+    assert len(disks) == 3  # two disks and the cdrom, each capped on its own
+    for disk in disks:
+        assert disk.findtext("iotune/total_bytes_sec") == str(50 * 1024 * 1024)
+        assert disk.findtext("iotune/total_iops_sec") == "500"
+    # <bandwidth> counts kB/s (tc's "kbps", 1000 bytes): 100 Mbit/s is 12500, 20 Mbit/s 2500.
+    bandwidth = busy.find("devices/interface/bandwidth")
+    assert bandwidth.find("inbound").attrib == {"average": "12500"}
+    assert bandwidth.find("outbound").attrib == {"average": "2500"}
+    calm = render_domain(dmz, dmz.vm("calm"), HostFacts())
+    assert calm.findtext("cputune/global_quota") == "25000" and calm.find("memtune") is None
+    assert calm.find("devices/disk/iotune") is None
+    assert calm.find("devices/interface/bandwidth/inbound") is None
+    assert calm.find("devices/interface/bandwidth/outbound").get("average") == "1000"
+    # Without [vm.limits] nothing of it is rendered.
+    plain = load(ROOT / "examples" / "web-and-mail.toml")
+    for vm in plain.vms:
+        dom = render_domain(plain, vm, HostFacts())
+        assert dom.find("cputune") is None and dom.find("memtune") is None
+        assert dom.find("devices/disk/iotune") is None and dom.find("devices/interface/bandwidth") is None
+
+
+def test_limits_keep_an_adapted_base_documents_own_tuning(tmp_path):
+    base = tmp_path / "domain.xml"
+    base.write_text((ROOT / "xml" / "domain.xml").read_text().replace(
+        "<os>", "<memtune><soft_limit unit=\"KiB\">262144</soft_limit></memtune>"
+                "<cputune><shares>512</shares><quota>1</quota></cputune><os>"))
+    toml = (Path(__file__).parent / "configs" / "limits.toml").read_text().replace(
+        'graphics = "spice"', f'graphics = "spice"\ndomain_xml = "{base}"').replace(
+        "cpu_per_vcpu = 0.25", "cpu_per_vcpu = 0.25\nmemory_max = \"512MiB\"")
+    dmz = parse_dmz(tomllib.loads(toml), Path("/etc/dmzctl/limits.toml"))
+    dom = build(dmz).domains["calm"]
+    assert {e.tag: e.text for e in dom.find("cputune")} == {
+        "shares": "512", "global_period": "100000", "global_quota": "25000", "period": "100000", "quota": "25000"}
+    assert [(e.tag, e.text) for e in dom.find("memtune")] == [("soft_limit", "262144"), ("hard_limit", "524288")]
+    assert [e.tag for e in dom].index("cputune") == [e.tag for e in dom].index("vcpu") + 1
 
 
 @pytest.mark.parametrize("facts, expected", [

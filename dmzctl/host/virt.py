@@ -53,6 +53,8 @@ def _start_event_loop() -> None:
 def describe(error: "libvirt.libvirtError") -> str:
     code = error.get_error_code()
     message = error.get_error_message() or str(error)
+    # One line: libvirt passes on what a helper (tc, QEMU) printed, newlines and all.
+    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
     if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR) and "socket" in message:
         return f"libvirtd is not reachable ({message}); start it (libvirtd -d) or check --connect"
     if code == libvirt.VIR_ERR_AUTH_FAILED or code == libvirt.VIR_ERR_AUTH_UNAVAILABLE:

@@ -1,4 +1,4 @@
-"""A DMZ VM's libvirt domain: resources, boot, disks, the filtered DMZ NIC, consoles."""
+"""A DMZ VM's libvirt domain: resources and their caps, boot, disks, the filtered DMZ NIC, consoles."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 from lxml import etree
 
-from ..config import DMZ, VM, Image
+from ..config import DMZ, VM, Image, Limits
 from .base import load_base, metadata_element, replace_child, stable_uuid, sub, xml_dir
 from .nwfilter import vm_filter_name, vm_filter_parameters
 
@@ -73,6 +73,7 @@ def render_domain(dmz: DMZ, vm: VM, facts: HostFacts = HostFacts(),
     ours = _disks(vm) + [_interface(dmz, vm)] + _graphics(vm)
     for element in reversed(ours):
         devices.insert(0, element)
+    _render_limits(dom, vm)
     for serial in devices.findall("serial"):
         if serial.find("log") is None:
             # virtlogd keeps what the guest printed, for the admin (and the tests) to read.
@@ -163,9 +164,86 @@ def _interface(dmz: DMZ, vm: VM) -> etree._Element:
 def _graphics(vm: VM) -> list[etree._Element]:
     if vm.graphics == "none":
         return []
-    graphics = etree.Element("graphics", type=vm.graphics, autoport="yes", listen="127.0.0.1")
-    # Only ever on loopback: the original's VNC listened on every interface.
-    sub(graphics, "listen", type="address", address="127.0.0.1")
+    if vm.graphics_listen == "socket":
+        # A UNIX socket in libvirt's per-domain directory (0750 libvirt-qemu): no TCP port at
+        # all, so only who may open the domain through libvirt reaches the console
+        # (virt-viewer and virt-manager get it by openGraphicsFD).
+        graphics = etree.Element("graphics", type=vm.graphics)
+        sub(graphics, "listen", type="socket")
+    else:
+        # On loopback when asked: any local user can then connect, unauthenticated.
+        # Never on other addresses: the original's VNC listened on every interface.
+        graphics = etree.Element("graphics", type=vm.graphics, autoport="yes", listen="127.0.0.1")
+        sub(graphics, "listen", type="address", address="127.0.0.1")
     video = etree.Element("video")
     sub(video, "model", type="virtio" if vm.graphics == "spice" else "vga")
     return [graphics, video]
+
+
+# libvirt's order of the domain's top-level elements, for placing the tuning ones.
+AFTER_MEMTUNE = ("memoryBacking", "vcpu", "iothreads", "cputune", "numatune", "resource", "sysinfo", "os",
+                 "features", "cpu", "clock", "devices")
+AFTER_CPUTUNE = AFTER_MEMTUNE[AFTER_MEMTUNE.index("cputune") + 1:]
+CPU_PERIOD_US = 100_000  # the CFS default: a cap is enforced within every 100 ms
+NET_RATE_UNIT = 1000  # <bandwidth> average is in kB/s: libvirt hands tc "kbps", 1000 bytes/s
+
+
+def _render_limits(dom: etree._Element, vm: VM) -> None:
+    """[vm.limits] as libvirt's tunables. Only what is set is touched: an adapted base
+    document's own <cputune> (pinning, shares) or <memtune> stays as it is."""
+    limits: Limits = vm.limits
+    if limits.memory_max_mib is not None:
+        memtune = _tune_element(dom, "memtune", AFTER_MEMTUNE)
+        _set_child(memtune, "hard_limit", str(limits.memory_max_mib * 1024), unit="KiB")
+    if limits.cpu_per_vcpu is not None:
+        cputune = _tune_element(dom, "cputune", AFTER_CPUTUNE)
+        quota = round(limits.cpu_per_vcpu * CPU_PERIOD_US)
+        # Each vCPU thread gets its share, and the whole domain (QEMU's emulator threads
+        # too) the vCPUs' sum, so device emulation cannot take more on the guest's behalf.
+        for tag, value in (("global_period", CPU_PERIOD_US), ("global_quota", quota * vm.vcpus),
+                           ("period", CPU_PERIOD_US), ("quota", quota)):
+            _set_child(cputune, tag, str(value))
+    if limits.disk_iops is not None or limits.disk_bytes_per_sec is not None:
+        for disk in dom.iterfind("devices/disk"):
+            iotune = disk.find("iotune")
+            if iotune is None:
+                iotune = etree.Element("iotune")
+                anchor = disk.find("target")  # libvirt's order: ... target, iotune, ...
+                (anchor.addnext if anchor is not None else disk.append)(iotune)
+            if limits.disk_bytes_per_sec is not None:
+                _set_child(iotune, "total_bytes_sec", str(limits.disk_bytes_per_sec))
+            if limits.disk_iops is not None:
+                _set_child(iotune, "total_iops_sec", str(limits.disk_iops))
+    to_vm, from_vm = limits.net_to_vm_bytes_per_sec, limits.net_from_vm_bytes_per_sec
+    if to_vm is not None or from_vm is not None:
+        nic = dom.find("devices/interface")
+        bandwidth = nic.find("bandwidth")
+        if bandwidth is None:
+            bandwidth = etree.Element("bandwidth")
+            nic.find("model").addnext(bandwidth)
+        # libvirt's directions are the VM's: inbound is what the VM receives.
+        for tag, rate in (("inbound", to_vm), ("outbound", from_vm)):
+            if rate is not None:
+                _set_child(bandwidth, tag, None, average=str(max(1, round(rate / NET_RATE_UNIT))))
+
+
+def _tune_element(dom: etree._Element, tag: str, before: tuple[str, ...]) -> etree._Element:
+    """The domain's <tag>, kept with its children if the base has one, placed where libvirt puts it."""
+    element = dom.find(tag)
+    if element is None:
+        element = etree.Element(tag)
+    else:
+        dom.remove(element)
+    for name in before:
+        anchor = dom.find(name)
+        if anchor is not None:
+            anchor.addprevious(element)
+            return element
+    dom.append(element)
+    return element
+
+
+def _set_child(parent: etree._Element, tag: str, text: Optional[str], **attrib: str) -> etree._Element:
+    for old in parent.findall(tag):
+        parent.remove(old)
+    return sub(parent, tag, text, **attrib)
