@@ -42,10 +42,10 @@ IFNAMSIZ = 15
 MIN_MEMORY_MIB = 64
 # Per-VM caps on the conntrack entries a VM can make the host keep (render/nft.py's `caps` chain).
 # A busy web server answers flows others open (never capped: replies are established) and opens a
-# few hundred of its own per second at most (DNS, a database, an API); 2000 new flows a second with
-# a burst of 4000 is far above that and still fills a 262144-entry conntrack table (this host's
-# nf_conntrack_max) no faster than in two minutes. 20000 flows at once is ~6 MB of conntrack and
-# lets about a dozen capped VMs share that table with the host's own flows.
+# few hundred of its own per second at most (DNS, a database, an API): 2000 new flows a second with
+# a burst of 4000 is far above that. 20000 flows at once is ~6 MB of conntrack, under 8% of a
+# 262144-entry table (this host's nf_conntrack_max): one VM alone never fills it, and about a dozen
+# VMs at their caps still leave room for the host's and the LAN's own flows.
 MAX_NEW_FLOWS = "2000/second"
 MAX_FLOWS = 20000
 MAX_CAP = 10_000_000  # nft takes 32-bit values; beyond this a cap caps nothing
