@@ -9,7 +9,8 @@ Every command prints one JSON object. A flood stops at N packets or S seconds, w
 comes first, and refuses destinations outside the test subnets of tests/test_conntrack_flood.py
 (the machine's own link is never a destination).
 
-  udp   one datagram per (destination, port): each a new conntrack entry (30 s unreplied)
+  udp   one datagram per (destination, port): each a new conntrack entry (30 s unreplied);
+        with --new-socket each from a new socket (a new source port), for floods of one port
   tcp   a non-blocking connect per port, the socket closed at once: one SYN, one entry
   icmp  echo requests with a new identifier each: one entry per identifier (30 s)
 
@@ -67,7 +68,8 @@ def _udp_socket(dst: str, src: str | None) -> socket.socket:
     return sock
 
 
-def flood(kind: str, dsts: list[str], srcs: list[str], ports: tuple[int, int], count: int, seconds: float) -> dict:
+def flood(kind: str, dsts: list[str], srcs: list[str], ports: tuple[int, int], count: int, seconds: float,
+          new_socket: bool = False) -> dict:
     dsts = [_checked(d) for d in dsts]
     sent = errors = 0
     began = time.monotonic()
@@ -91,7 +93,10 @@ def flood(kind: str, dsts: list[str], srcs: list[str], ports: tuple[int, int], c
         dst = dsts[i % len(dsts)]
         port = ports[0] + (i // len(dsts)) % span
         try:
-            if kind == "udp":
+            if kind == "udp" and new_socket:
+                with _udp_socket(dst, srcs[(i // len(dsts)) % len(srcs)] if srcs else None) as sock:
+                    sock.sendto(payload, (dst, port))
+            elif kind == "udp":
                 src = srcs[(i // len(dsts)) % len(srcs)] if srcs else None
                 sockets[(dst, src)].sendto(payload, (dst, port))
             elif kind == "tcp":
@@ -176,6 +181,7 @@ def main(argv: list[str]) -> None:
     f.add_argument("--ports", default="20000-59999")
     f.add_argument("--count", type=int, required=True)
     f.add_argument("--seconds", type=float, required=True)
+    f.add_argument("--new-socket", action="store_true")
     c = sub.add_parser("connect")
     c.add_argument("--dst", required=True)
     c.add_argument("--port", type=int, required=True)
@@ -191,7 +197,7 @@ def main(argv: list[str]) -> None:
         if args.count > 100_000 or args.seconds > 30:
             sys.exit("flood.py: at most 100000 packets and 30 s")
         low, high = (int(p) for p in args.ports.split("-"))
-        result = flood(args.kind, args.dst, args.src, (low, high), args.count, args.seconds)
+        result = flood(args.kind, args.dst, args.src, (low, high), args.count, args.seconds, args.new_socket)
     elif args.command == "connect":
         result = connect(args.dst, args.port, args.every, args.seconds)
     else:

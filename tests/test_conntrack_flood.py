@@ -327,6 +327,22 @@ def test_new_flow_rate_is_capped_when_flows_end_at_once(live):
 
 
 @pytest.mark.host
+def test_a_flood_of_the_hosts_own_dns_is_capped_too(live):
+    """The input hook has the same caps: DNS queries to the gateway's dnsmasq (a hole the DMZ always has
+    with dhcp), each from a new source port, would each take an entry of the host's table."""
+    cap = live.dmz.flow_caps.flows
+    live.reset()
+    flooded = live.flood("flooder", "--kind", "udp", "--dst", GATEWAYS[0], "--ports", "53-53", "--new-socket",
+                         "--count", "10000", "--seconds", "2")
+    admitted = entries(FLOODER[0])
+    counted = rule_counters(live.dmz, "caps")
+    print(f"\nDNS to the gateway: {flooded['sent']} in {flooded['seconds']} s, {admitted} entries (cap {cap})")
+    assert flooded["sent"] > 10 * cap, flooded
+    assert cap * 0.9 <= admitted <= cap
+    assert counted["flows over max_flows"] + counted["new flows over max_new_flows"] >= flooded["sent"] - cap
+
+
+@pytest.mark.host
 def test_forged_sources_count_against_the_vm_that_sends_them(live):
     """Forged sources inside the DMZ subnet share the sender's budget (the key is its MAC, not the
     address); forged sources outside it are dropped by anti-spoofing and never become an entry."""
