@@ -341,6 +341,8 @@ def explain(
     icmp_type: Annotated[Optional[int], typer.Option("--icmp-type", help="ICMP/ICMPv6 type number")] = None,
     outside: Annotated[bool, typer.Option(
         "--outside", help="--from is beyond the DMZ (LAN, internet), not a forged source inside it")] = False,
+    flood: Annotated[bool, typer.Option(
+        "--flood", help="The sending VM is over its caps (max_new_flows, max_flows)")] = False,
     host_address: Annotated[Optional[list[str]], typer.Option(
         "--host-address", help="An address of this host besides the gateways (repeatable)")] = None,
     no_read_host: Annotated[bool, typer.Option(
@@ -352,7 +354,7 @@ def explain(
 
     def action():
         dmz = _one_dmz(configs)
-        flow = make_flow(dmz, source, target, proto, icmp_type, outside)
+        flow = make_flow(dmz, source, target, proto, icmp_type, outside, flood)
         hosts = list(host_address or [])
         bridge_netfilter = None
         if not no_read_host:

@@ -28,6 +28,7 @@ VM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}\Z")
 BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}\Z")
 RATE_RE = re.compile(r"^([1-9][0-9]*)/(second|minute|hour|day)\Z")
+FLOW_RATE_RE = re.compile(r"^([1-9][0-9]{0,6})/(second|minute|hour|day)\Z")  # bounded: at most 7 digits
 MEMORY_RE = re.compile(r"^\s*([0-9]+)\s*(KiB|MiB|GiB|K|M|G)?\s*$")
 PORT_RANGE_RE = re.compile(r"^([0-9]{1,9})-([0-9]{1,9})\Z")  # bounded: int() refuses > 4300 digits
 
@@ -43,10 +44,20 @@ VIRT_TYPES = ("auto", "kvm", "qemu")
 DISK_FORMATS = ("raw", "qcow2")
 IFNAMSIZ = 15
 MIN_MEMORY_MIB = 64
+# Per-VM caps on the conntrack entries a VM can make the host keep (render/nft.py's `caps` chain).
+# A busy web server answers flows others open (never capped: replies are established) and opens a
+# few hundred of its own per second at most (DNS, a database, an API): 2000 new flows a second with
+# a burst of 4000 is far above that. 20000 flows at once is ~6 MB of conntrack, under 8% of a
+# 262144-entry table (this host's nf_conntrack_max): one VM alone never fills it, and about a dozen
+# VMs at their caps still leave room for the host's and the LAN's own flows.
+MAX_NEW_FLOWS = "2000/second"
+MAX_FLOWS = 20000
+MAX_CAP = 10_000_000  # nft takes 32-bit values; beyond this a cap caps nothing
 
 DMZ_KEYS = {
     "name", "bridge", "mode", "gateway", "gateway6", "protected", "dns", "dhcp",
     "egress", "isolate_vms", "log_rate", "log_burst", "allow", "block_private_ranges",
+    "max_new_flows", "max_new_flows_burst", "max_flows",
 }
 ALLOW_KEYS = {"to", "proto", "port", "from"}
 IMAGE_KEYS = {"path", "format"}
@@ -54,7 +65,7 @@ DISK_KEYS = IMAGE_KEYS | {"backing"}
 VM_KEYS = {
     "name", "memory", "vcpus", "disks", "cdrom", "boot", "kernel", "initrd",
     "cmdline", "ip", "ip6", "mac", "graphics", "shutdown_timeout", "autostart",
-    "virt_type", "domain_xml", "graphics_listen", "limits",
+    "virt_type", "domain_xml", "graphics_listen", "limits", "max_new_flows", "max_new_flows_burst", "max_flows",
 }
 LIMIT_KEYS = {"cpu_per_vcpu", "memory_max", "disk_iops", "disk_bandwidth", "net_to_vm", "net_from_vm"}
 # A rate: a number, a unit of bits or bytes (decimal k/M/G or binary Ki/Mi/Gi for bytes), optional "/s".
@@ -126,6 +137,20 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class FlowCaps:
+    """How many new flows a VM may open (a rate with a burst) and hold at once, counted per VM."""
+
+    new_rate: str = MAX_NEW_FLOWS  # "N/second" (minute, hour, day)
+    new_burst: int = 2 * int(MAX_NEW_FLOWS.split("/")[0])
+    flows: int = MAX_FLOWS
+
+    @property
+    def rate(self) -> tuple[int, str]:
+        number, per = self.new_rate.split("/")
+        return int(number), per
+
+
+@dataclass(frozen=True)
 class VM:
     name: str
     memory_mib: int
@@ -146,6 +171,7 @@ class VM:
     domain_xml: Optional[Path] = None  # an adapted base document instead of xml/domain.xml
     graphics_listen: str = "socket"  # GRAPHICS_LISTEN
     limits: Limits = field(default_factory=Limits)
+    flow_caps: Optional[FlowCaps] = None  # caps of its own (all three values); None: the DMZ's
 
 
 @dataclass(frozen=True)
@@ -168,6 +194,10 @@ class DMZ:
     block_private_ranges: bool = True
     source: Path = field(default=Path("<memory>"), compare=False)
     config_hash: str = ""
+    flow_caps: FlowCaps = FlowCaps()  # every VM's, unless the VM has its own
+
+    def caps_of(self, vm: VM) -> FlowCaps:
+        return vm.flow_caps or self.flow_caps
 
     @property
     def subnet(self) -> ipaddress.IPv4Network:
@@ -360,6 +390,31 @@ def _check_gateway(check: _Checker, iface: IPInterface, where: str) -> None:
                              f"inside it, e.g. {net.network_address + 1}/{net.prefixlen}")
 
 
+def _parse_caps(check: _Checker, table: dict, where: str, inherited: Optional[FlowCaps]) -> Optional[FlowCaps]:
+    """max_new_flows / max_new_flows_burst / max_flows of [dmz] (inherited None) or of a [[vm]], which
+    overrides the DMZ's value by value. None when a value is bad, or when a VM sets none of them."""
+    base = inherited or FlowCaps()
+    if inherited is not None and not {"max_new_flows", "max_new_flows_burst", "max_flows"} & set(table):
+        return None
+    ok = True
+    rate = check.typed(table, "max_new_flows", str, where, default=base.new_rate)
+    if rate is not None and not FLOW_RATE_RE.match(rate):
+        check.problem(f"{where}.max_new_flows", f"{rate!r} must look like N/second, N/minute, N/hour or N/day "
+                                                f"with N from 1 to 9999999 (e.g. '{MAX_NEW_FLOWS}')")
+        rate = None
+    # The burst follows the rate when only the rate is given: twice its count.
+    default_burst = 2 * int(rate.split("/")[0]) if rate is not None and "max_new_flows" in table else base.new_burst
+    burst = check.typed(table, "max_new_flows_burst", int, where, default=default_burst)
+    flows = check.typed(table, "max_flows", int, where, default=base.flows)
+    for key, value in (("max_new_flows_burst", burst), ("max_flows", flows)):
+        if value is not None and key in table and not 1 <= value <= MAX_CAP:
+            check.problem(f"{where}.{key}", f"{value} must be between 1 and {MAX_CAP}")
+            ok = False
+    if None in (rate, burst, flows) or not ok:
+        return None
+    return FlowCaps(new_rate=rate, new_burst=min(burst, MAX_CAP), flows=flows)
+
+
 def load_dmz(path: Path) -> DMZ:
     """Read and validate one file; raise ConfigError with every problem found."""
     path = Path(path)
@@ -454,7 +509,8 @@ def parse_dmz(data: dict, source: Path = Path("<memory>"), config_hash: str = ""
     if log_burst is not None and not 1 <= log_burst <= 10000:
         check.problem("dmz.log_burst", f"{log_burst} must be between 1 and 10000")
 
-    vms = _parse_vms(check, data.get("vm", []), name, gateway, gateway6, dhcp)
+    flow_caps = _parse_caps(check, dmz_table, "dmz", None)
+    vms = _parse_vms(check, data.get("vm", []), name, gateway, gateway6, dhcp, flow_caps)
     declared = {t["name"] for t in data.get("vm", []) if isinstance(t, dict) and isinstance(t.get("name"), str)} \
         if isinstance(data.get("vm", []), list) else set()
 
@@ -480,7 +536,7 @@ def parse_dmz(data: dict, source: Path = Path("<memory>"), config_hash: str = ""
         name=name, bridge=bridge, mode=mode, gateway=gateway, gateway6=gateway6,
         protected=collapsed, dns=dns, dhcp=dhcp, egress=egress, isolate_vms=isolate_vms,
         log_rate=log_rate, log_burst=log_burst, holes=tuple(holes), vms=tuple(vms),
-        block_private_ranges=block_private, source=source, config_hash=config_hash,
+        block_private_ranges=block_private, source=source, config_hash=config_hash, flow_caps=flow_caps,
     )
 
 
@@ -560,7 +616,7 @@ def _parse_hole(check, entry, where, protected, gateway, gateway6, vms, declared
                 origin=where.removeprefix("dmz."))
 
 
-def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
+def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp, dmz_caps=None) -> list[VM]:
     if not isinstance(raw_vms, list):
         check.problem("vm", "must be an array of tables [[vm]]")
         return []
@@ -678,6 +734,7 @@ def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
             check.problem(f"{where}.shutdown_timeout", f"{timeout} must be between 0 and 3600 seconds")
         autostart = check.typed(table, "autostart", bool, where, default=True)
         virt_type = check.choice(table, "virt_type", VIRT_TYPES, where, "auto")
+        flow_caps = _parse_caps(check, table, where, dmz_caps or FlowCaps())
 
         duplicate_name = name in seen["name"]
         for key, value in (("name", name), ("ip", ip), ("ip6", ip6), ("mac", mac)):
@@ -700,7 +757,7 @@ def _parse_vms(check, raw_vms, dmz_name, gateway, gateway6, dhcp) -> list[VM]:
             boot=boot, kernel=paths["kernel"], initrd=paths["initrd"], cmdline=cmdline, ip=ip, ip6=ip6,
             mac=mac, graphics=graphics, shutdown_timeout=float(timeout), autostart=autostart,
             virt_type=virt_type, domain_xml=paths["domain_xml"], graphics_listen=graphics_listen,
-            limits=limits,
+            limits=limits, flow_caps=flow_caps if flow_caps != (dmz_caps or FlowCaps()) else None,
         ))
     return vms
 

@@ -7,21 +7,24 @@ dmzctl/render/nft.py renders them:
 
   forward  1 established/related          (not applicable: explain looks at new flows)
            2 from the DMZ bridge -> from_dmz
-  from_dmz 3 back into the DMZ (VM to VM): accepted, or -> vm_to_vm (isolate_vms)
-           4 source outside the DMZ subnet -> spoofed
-           5 holes, in config order
-           6 to protected -> protected
-           7 implicit blocks: another DMZ, a host or libvirt subnet, a private range
-           8 egress = "none" -> egress
+  from_dmz 3 a new flow -> caps: dropped as flood when its VM is over its caps
+             (Flow.flood), otherwise counted and on to the next rule
+           4 back into the DMZ (VM to VM): accepted, or -> vm_to_vm (isolate_vms)
+           5 source outside the DMZ subnet -> spoofed
+           6 holes, in config order
+           7 to protected -> protected
+           8 implicit blocks: another DMZ, a host or libvirt subnet, a private range
+           9 egress = "none" -> egress
            otherwise the chain's policy accepts (egress = "any")
   input    1 established/related          (not applicable)
            2 the host's own multicast looped back (not applicable: explain looks at the DMZ's flows)
            3 from the DMZ bridge -> to_host
-  to_host  3 source outside the DMZ subnet (link-local/unspecified allowed) -> spoofed
-           4 holes
-           5 DHCP/DNS to the gateway (dhcp on; DNS also to the IPv6 gateway and
+  to_host  3 a new flow -> caps, as in from_dmz
+           4 source outside the DMZ subnet (link-local/unspecified allowed) -> spoofed
+           5 holes
+           6 DHCP/DNS to the gateway (dhcp on; DNS also to the IPv6 gateway and
              link-local), IPv6 neighbour discovery
-           6 everything else -> host
+           7 everything else -> host
 
 After dmzctl's table, libvirt's own rules still see forwarded packets: an
 isolated network rejects every forwarded packet, a NAT network lets only replies
@@ -58,9 +61,10 @@ BROADCAST4 = ipaddress.ip_address("255.255.255.255")
 ORDER = {
     "forward": ("established", "from-dmz"),
     "input": ("established", "host-multicast", "from-dmz"),
-    "from_dmz": ("within-dmz", "vm-to-vm", "spoofed", "hole", "protected", "other-dmz", "host-net", "private",
-                 "egress"),
-    "to_host": ("spoofed", "hole", "dhcp", "dns", "dns6", "nd", "host"),
+    "from_dmz": ("caps", "within-dmz", "vm-to-vm", "spoofed", "hole", "protected", "other-dmz", "host-net",
+                 "private", "egress"),
+    "to_host": ("caps", "spoofed", "hole", "dhcp", "dns", "dns6", "nd", "host"),
+    "caps": ("own-caps", "new-flows", "flows"),
 }
 
 
@@ -74,12 +78,17 @@ def rule_kind(comment: str) -> str:
         "to protected IPv4": "protected", "to protected IPv6": "protected", "egress none": "egress",
         "DHCP to the gateway": "dhcp", "DNS to the gateway": "dns", "IPv6 neighbour discovery": "nd",
         "everything else to the host": "host", "the host's own multicast, looped back": "host-multicast",
+        "new flows: per-VM caps": "caps", "VMs with caps of their own": "own-caps",
     }
     if comment.startswith("hole "):
         return "hole"
     for kind in SET_NAMES:
         if comment in (f"to {kind} IPv4", f"to {kind} IPv6"):
             return kind
+    if comment.startswith("new flows over ") and comment.endswith("max_new_flows"):
+        return "new-flows"
+    if comment.startswith("flows over ") and comment.endswith("max_flows"):
+        return "flows"
     return fixed.get(comment, f"unknown: {comment}")
 
 
@@ -98,6 +107,8 @@ class Flow:
     host, the internet): dmzctl's from-DMZ rules do not apply to it.
     via_host True means a VM-to-VM packet sent to the gateway's MAC (routed by
     the host) rather than switched on the bridge.
+    flood True means the sending VM is over its caps (it opens new flows faster than
+    max_new_flows allows, or holds max_flows already): every new flow it starts is dropped.
     """
 
     dst: IPAddress
@@ -108,6 +119,7 @@ class Flow:
     vm: Optional[str] = None
     from_dmz: bool = True
     via_host: bool = False
+    flood: bool = False
 
     @property
     def family(self) -> int:
@@ -123,14 +135,14 @@ class Flow:
         proto = self.proto
         if self.icmp_type is not None:
             proto += f" type {self.icmp_type}"
-        return f"{source} -> {target} {proto}"
+        return f"{source} -> {target} {proto}" + (" (while flooding)" if self.flood else "")
 
 
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
     decided_by: str   # hole | protected | host | egress | egress-any | spoofed | vm-to-vm | dhcp | dns | nd |
-    #                   not-from-dmz | libvirt-isolated | libvirt-nat | port-isolation | layer2 |
+    #                   flood | not-from-dmz | libvirt-isolated | libvirt-nat | port-isolation | layer2 |
     #                   other-dmz | host-net | private (implicit blocks)
     rule: str         # the nft rule comment (grep `nft list table`), or what else decides
     chain: Optional[str]
@@ -192,13 +204,16 @@ def parse_target(text: str) -> tuple[IPAddress, Optional[int]]:
 
 
 def make_flow(dmz: DMZ, source: str, target: str, proto: Optional[str] = None,
-              icmp_type: Optional[int] = None, outside: bool = False) -> Flow:
+              icmp_type: Optional[int] = None, outside: bool = False, flood: bool = False) -> Flow:
     """The flow `--from SOURCE --to TARGET --proto P` describes.
 
     SOURCE is a VM of the DMZ or an address. An address outside the DMZ subnet is
     taken as a forged source sent from inside the DMZ, unless `outside` says the
-    packet comes from elsewhere (a LAN host, the internet).
+    packet comes from elsewhere (a LAN host, the internet). `flood`: the sender is over
+    its caps.
     """
+    if flood and outside:
+        raise ExplainError("--flood is about a sender in the DMZ (its caps); flows from --outside are not capped")
     dst, port = parse_target(target)
     name = parse_proto(proto) if proto else ("tcp" if port is not None else None)
     if name is None:
@@ -221,7 +236,7 @@ def make_flow(dmz: DMZ, source: str, target: str, proto: Optional[str] = None,
         src = vm.ip if dst.version == 4 else vm.ip6
         if src is None and dst.version == 6 and dmz.gateway6 is None:
             raise ExplainError(f"DMZ {dmz.name} has no IPv6; {source} cannot send to {dst}")
-        return Flow(dst=dst, proto=name, src=src, port=port, icmp_type=icmp_type, vm=source)
+        return Flow(dst=dst, proto=name, src=src, port=port, icmp_type=icmp_type, vm=source, flood=flood)
     try:
         src = ipaddress.ip_address(source.strip())
     except ValueError:
@@ -230,7 +245,7 @@ def make_flow(dmz: DMZ, source: str, target: str, proto: Optional[str] = None,
                            f"nor an address") from None
     if src.version != dst.version:
         raise ExplainError(f"--from {src} and --to {dst} are of different IP versions")
-    return Flow(dst=dst, proto=name, src=src, port=port, icmp_type=icmp_type, from_dmz=not outside)
+    return Flow(dst=dst, proto=name, src=src, port=port, icmp_type=icmp_type, from_dmz=not outside, flood=flood)
 
 
 # --- the policy ------------------------------------------------------------
@@ -308,6 +323,28 @@ class _Walk:
                         log_prefix=log_prefix(self.dmz, log_reason) if log_reason else None,
                         trace=tuple(self.trace), notes=tuple(self.notes))
 
+    def caps(self, chain: str) -> Optional[Decision]:
+        """Step 3 of from_dmz and to_host: every new flow from the bridge meets its VM's caps."""
+        dmz, flow = self.dmz, self.flow
+        vm = _sending_vm(dmz, flow)
+        caps = dmz.caps_of(vm) if vm is not None else dmz.flow_caps
+        whose = f"{vm.name}'s" if vm is not None else "its VM's"
+        text = f"{caps.new_rate} new flows, burst {caps.new_burst}; {caps.flows} flows at once"
+        if vm is None and any(v.flow_caps for v in dmz.vms):
+            self.notes.append("caps are per VM (by MAC); VMs with caps of their own: "
+                              + ", ".join(v.name for v in dmz.vms if v.flow_caps))
+        if flow.flood:
+            self.trace.append(f"{chain} 3 a new flow; {whose} caps ({text}) are exceeded: jump flood")
+            own = [v.name for v in dmz.vms if vm is not None and vm.flow_caps and v.flow_caps == vm.flow_caps]
+            rule = f"new flows over {', '.join(own)}'s max_new_flows" if own else "new flows over max_new_flows"
+            return self.decide(False, "flood", rule, "flood",
+                               f"the sender opens new flows faster than its caps allow ({text}): every new "
+                               f"flow it starts is dropped, whatever its destination, until it slows down "
+                               f"(and its open flows end, for max_flows); its established flows go on",
+                               log_reason="flood")
+        self.trace.append(f"{chain} 3 a new flow: counted against {whose} caps ({text}): under them, next rule")
+        return None
+
     def spoofed(self, chain: str, step: int, allow_unspecified: bool) -> Optional[Decision]:
         dmz, flow = self.dmz, self.flow
         if flow.family == 6 and dmz.subnet6 is None:
@@ -345,6 +382,15 @@ class _Walk:
         if not any(h.family == self.flow.family and self.flow.dst in h.to for h in self.dmz.holes):
             self.trace.append(f"{chain} {step} holes: none to {self.flow.dst}")
         return None
+
+
+def _sending_vm(dmz: DMZ, flow: Flow):
+    """The VM the flow comes from, when known: by name, or by its static address (caps are keyed by MAC:
+    a forged source still counts against the VM that sends it, which explain cannot tell)."""
+    for vm in dmz.vms:
+        if vm.name == flow.vm or (flow.vm is None and flow.src is not None and flow.src in (vm.ip, vm.ip6)):
+            return vm
+    return None
 
 
 def _in_dmz_subnet(dmz: DMZ, address: IPAddress) -> bool:
@@ -414,37 +460,40 @@ def _from_outside(dmz: DMZ, flow: Flow, hosts: frozenset) -> Decision:
 
 def _forward(dmz: DMZ, flow: Flow, blocks: tuple[Blocked, ...], walk: Optional[_Walk] = None) -> Decision:
     walk = walk or _Walk(dmz, flow, "forward")
+    decision = walk.caps("from_dmz")
+    if decision is not None:
+        return decision
     if _in_dmz_subnet(dmz, flow.dst):
         if dmz.isolate_vms:
-            walk.trace.append("from_dmz 3 leaves through the DMZ bridge again (isolate_vms): jump vm_to_vm")
+            walk.trace.append("from_dmz 4 leaves through the DMZ bridge again (isolate_vms): jump vm_to_vm")
             return walk.decide(False, "vm-to-vm", "VM to VM (isolate_vms)", "vm_to_vm",
                                f"{flow.dst} is another DMZ address and isolate_vms is on", log_reason="vm-to-vm")
-        walk.trace.append("from_dmz 3 leaves through the DMZ bridge again: accept")
+        walk.trace.append("from_dmz 4 leaves through the DMZ bridge again: accept")
         return walk.decide(True, "within-dmz", "VM to VM within the DMZ", "from_dmz",
                            f"{flow.dst} is another DMZ address and isolate_vms is off")
-    walk.trace.append("from_dmz 3 back into the DMZ: no")
-    decision = walk.spoofed("from_dmz", 4, allow_unspecified=False) or walk.holes("from_dmz", 5)
+    walk.trace.append("from_dmz 4 back into the DMZ: no")
+    decision = walk.spoofed("from_dmz", 5, allow_unspecified=False) or walk.holes("from_dmz", 6)
     if decision is not None:
         return _after_libvirt(dmz, flow, decision)
     net = _in_protected(dmz, flow.dst)
     if net is not None:
-        walk.trace.append(f"from_dmz 6 {flow.dst} in @protected{flow.family} ({net}): jump protected")
+        walk.trace.append(f"from_dmz 7 {flow.dst} in @protected{flow.family} ({net}): jump protected")
         return walk.decide(False, "protected", f"to protected IPv{flow.family}", "protected",
                            f"{flow.dst} is inside the protected subnet {net}", log_reason="to-protected")
-    walk.trace.append(f"from_dmz 6 {flow.dst} not in @protected{flow.family}")
+    walk.trace.append(f"from_dmz 7 {flow.dst} not in @protected{flow.family}")
     block = classify(blocks, flow.dst)
     if block is not None:
         chain = SET_NAMES[block.kind]
-        walk.trace.append(f"from_dmz 7 {flow.dst} in @{chain}{flow.family} ({block.net}): jump {chain}")
+        walk.trace.append(f"from_dmz 8 {flow.dst} in @{chain}{flow.family} ({block.net}): jump {chain}")
         return walk.decide(False, block.kind, f"to {block.kind} IPv{flow.family}", chain,
                            f"{flow.dst} is in {block.net}: {block.reason}, blocked without being listed "
                            f"(a [[dmz.allow]] hole opens it)", log_reason=LOG_REASONS[block.kind])
-    walk.trace.append(f"from_dmz 7 {flow.dst} in no implicit block (other DMZs, host subnets, private ranges)")
+    walk.trace.append(f"from_dmz 8 {flow.dst} in no implicit block (other DMZs, host subnets, private ranges)")
     if dmz.egress == "none":
-        walk.trace.append('from_dmz 8 egress = "none": jump egress')
+        walk.trace.append('from_dmz 9 egress = "none": jump egress')
         return walk.decide(False, "egress", "egress none", "egress",
                            'egress = "none": the DMZ reaches nothing beyond its holes', log_reason="egress")
-    walk.trace.append('from_dmz 8 egress = "any": end of chain, policy accept')
+    walk.trace.append('from_dmz 9 egress = "any": end of chain, policy accept')
     decision = walk.decide(True, "egress-any", "forward policy accept", "from_dmz",
                            'not protected, not the host, not implicitly blocked, and egress = "any"')
     return _after_libvirt(dmz, flow, decision)
@@ -495,32 +544,33 @@ def _vm_to_vm_bridged(dmz: DMZ, flow: Flow, bridge_netfilter: Optional[bool],
 
 def _to_host(dmz: DMZ, flow: Flow) -> Decision:
     walk = _Walk(dmz, flow, "input")
-    decision = walk.spoofed("to_host", 3, allow_unspecified=True) or walk.holes("to_host", 4)
+    decision = walk.caps("to_host") or walk.spoofed("to_host", 4, allow_unspecified=True) \
+        or walk.holes("to_host", 5)
     if decision is not None:
         return decision
     port_proto = flow.proto in ("tcp", "udp")
     if dmz.dhcp:
         if flow.family == 4 and flow.dst in (dmz.gateway.ip, BROADCAST4) and flow.proto == "udp" and flow.port == 67:
-            walk.trace.append("to_host 5 DHCP to the gateway: accept")
+            walk.trace.append("to_host 6 DHCP to the gateway: accept")
             return walk.decide(True, "dhcp", "DHCP to the gateway", "to_host", "DHCP requests to the gateway "
                                "are accepted (dhcp = true)")
         if flow.family == 4 and flow.dst == dmz.gateway.ip and port_proto and flow.port == 53:
-            walk.trace.append("to_host 5 DNS to the gateway: accept")
+            walk.trace.append("to_host 6 DNS to the gateway: accept")
             return walk.decide(True, "dns", "DNS to the gateway", "to_host", "DNS to libvirt's dnsmasq on the "
                                "gateway is accepted (dhcp = true)")
         if flow.family == 6 and dmz.gateway6 is not None and port_proto and flow.port == 53 \
                 and (flow.dst == dmz.gateway6.ip or flow.dst in LINK_LOCAL6):
-            walk.trace.append("to_host 5 DNS to the gateway (IPv6): accept")
+            walk.trace.append("to_host 6 DNS to the gateway (IPv6): accept")
             return walk.decide(True, "dns6", "DNS to the gateway (IPv6)", "to_host", "DNS to libvirt's dnsmasq "
                                "on the IPv6 gateway or the bridge's link-local address (named in its router "
                                "advertisements) is accepted (dhcp = true)")
-        walk.trace.append("to_host 5 DHCP/DNS to the gateway: no")
+        walk.trace.append("to_host 6 DHCP/DNS to the gateway: no")
     if dmz.gateway6 is not None and flow.proto == "icmpv6" and flow.icmp_type in ND_TYPES:
-        walk.trace.append(f"to_host 5 IPv6 neighbour discovery ({ND_TYPES[flow.icmp_type]}): accept")
+        walk.trace.append(f"to_host 6 IPv6 neighbour discovery ({ND_TYPES[flow.icmp_type]}): accept")
         walk.notes.append("only with hop limit 255, as genuine neighbour discovery has")
         return walk.decide(True, "nd", "IPv6 neighbour discovery", "to_host",
                            "neighbour discovery with the host is accepted")
-    walk.trace.append("to_host 6 everything else to the host: jump host")
+    walk.trace.append("to_host 7 everything else to the host: jump host")
     return walk.decide(False, "host", "everything else to the host", "host",
                        f"{flow.dst} is the host's own address: the DMZ reaches the host only through its holes "
                        f"and DHCP/DNS/neighbour discovery", log_reason="to-host")

@@ -333,7 +333,22 @@ _COUNTER_RE = re.compile(r"counter packets \d+ bytes \d+")
 
 
 def _normal_text(text: str) -> list[str]:
-    return [_COUNTER_RE.sub("counter", line).rstrip() for line in text.splitlines() if line.strip()]
+    """Without counters' values, and without the elements of dynamic sets (the caps' meters: state)."""
+    lines, in_dynamic, in_elements = [], False, False
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] in (["set"], ["chain"]):
+            in_dynamic = False
+        elif words[:1] == ["flags"] and "dynamic" in words[1].split(","):
+            in_dynamic = True
+        elif in_dynamic and words[:2] == ["elements", "="]:
+            in_elements = True
+        if in_elements:
+            in_elements = not line.rstrip().endswith("}")
+            continue
+        if line.strip():
+            lines.append(_COUNTER_RE.sub("counter", line).rstrip())
+    return lines
 
 
 def firewall_diff(desired: DesiredDMZ) -> list[str]:

@@ -15,7 +15,7 @@ fi
 PACKAGES=(
   libvirt-daemon-system qemu-system-x86 qemu-utils nftables python3-nftables
   python3-libvirt python3-lxml python3-venv dnsmasq-base iproute2 iptables
-  libxml2-utils busybox-static iperf3 iputils-ping socat procps systemd
+  libxml2-utils busybox-static iperf3 iputils-ping socat procps systemd conntrack
   # the graphical console through the real viewers, on a virtual X server (tests/test_console.py)
   virt-viewer virt-manager gir1.2-spiceclientgtk-3.0 gir1.2-spiceclientglib-2.0 xvfb xdotool imagemagick
 )

@@ -262,6 +262,26 @@ CASES = [
     case("block-private-ranges-not-bool", [S("dmz.block_private_ranges", "no")], "dmz.block_private_ranges",
          "must be true or false, got 'no'"),
     case("log-burst-range", [S("dmz.log_burst", 0)], "dmz.log_burst", "0 must be between 1 and 10000"),
+    # --- caps on new and concurrent flows (dmz and per VM)
+    case("caps-rate-format", [S("dmz.max_new_flows", "2000 per second")], "dmz.max_new_flows",
+         "'2000 per second' must look like N/second, N/minute, N/hour or N/day with N from 1 to 9999999 "
+         "(e.g. '2000/second')"),
+    case("caps-rate-zero", [S("dmz.max_new_flows", "0/second")], "dmz.max_new_flows", "must look like N/second"),
+    case("caps-rate-too-many-digits", [S("dmz.max_new_flows", "10000000/second")], "dmz.max_new_flows",
+         "with N from 1 to 9999999"),
+    case("caps-rate-huge-digit-string", [S("dmz.max_new_flows", "9" * 5000 + "/second")], "dmz.max_new_flows",
+         "must look like N/second"),
+    case("caps-rate-not-string", [S("dmz.max_new_flows", 2000)], "dmz.max_new_flows", "must be a string, got 2000"),
+    case("caps-burst-range", [S("dmz.max_new_flows_burst", 0)], "dmz.max_new_flows_burst",
+         "0 must be between 1 and 10000000"),
+    case("caps-flows-range", [S("dmz.max_flows", 0)], "dmz.max_flows", "0 must be between 1 and 10000000"),
+    case("caps-flows-too-many", [S("dmz.max_flows", 2**40)], "dmz.max_flows", "must be between 1 and 10000000"),
+    case("caps-flows-not-integer", [S("dmz.max_flows", "20000")], "dmz.max_flows", "must be an integer, got '20000'"),
+    case("vm-caps-rate-format", [S("vm[0].max_new_flows", "fast")], "vm[web].max_new_flows",
+         "'fast' must look like N/second"),
+    case("vm-caps-flows-range", [S("vm[1].max_flows", -1)], "vm[mail].max_flows", "-1 must be between 1 and"),
+    case("vm-caps-burst-range", [S("vm[2].max_new_flows_burst", 10**8)], "vm[tiny].max_new_flows_burst",
+         "100000000 must be between 1 and 10000000"),
     # --- holes
     case("hole-not-a-table", [S("dmz.allow[0]", 5)], "dmz.allow[1]", "must be a table [[dmz.allow]]"),
     case("hole-to-missing", [D("dmz.allow[0].to")], "dmz.allow[1].to", "required but missing"),
@@ -493,6 +513,26 @@ def test_rule(tmp_path, change, field, text, count):
     matching = [p for p in problems if p.startswith(prefix) and text in p]
     assert matching, f"no problem starts with {prefix!r} and contains {text!r}: {problems}"
     assert all("\n" not in p for p in problems)
+
+
+def test_caps_defaults_and_overrides(tmp_path):
+    from dmzctl.config import FlowCaps
+
+    dmz = load_dmz(write(tmp_path / "pub.toml", BASE))
+    assert dmz.flow_caps == FlowCaps("2000/second", 4000, 20000)
+    assert all(vm.flow_caps is None for vm in dmz.vms)
+    # The burst follows a rate given without one (twice its count); a VM overrides value by value.
+    dmz = load_dmz(write(tmp_path / "pub.toml", build(
+        S("dmz.max_new_flows", "300/minute"), S("dmz.max_flows", 500),
+        S("vm[0].max_flows", 900), S("vm[1].max_new_flows", "50/second"), S("vm[1].max_new_flows_burst", 70),
+        S("vm[2].max_new_flows", "300/minute"))))
+    assert dmz.flow_caps == FlowCaps("300/minute", 600, 500)
+    assert dmz.vm("web").flow_caps == FlowCaps("300/minute", 600, 900)
+    assert dmz.vm("mail").flow_caps == FlowCaps("50/second", 70, 500)
+    assert dmz.vm("tiny").flow_caps is None  # the same as the DMZ's: no chain of its own
+    assert dmz.caps_of(dmz.vm("tiny")) == dmz.flow_caps
+    assert load_dmz(write(tmp_path / "big.toml", build(S("dmz.max_new_flows", "9999999/second")))) \
+        .flow_caps.new_burst == 10_000_000  # twice the rate, clamped to what nft takes
 
 
 def test_every_problem_site_has_a_case():

@@ -206,6 +206,55 @@ def test_a_dhcp_vm_matches_no_address_bound_hole():
     assert decide(dmz, "10.8.0.8", "tcp", None, 22).origin == "allow[2]"
 
 
+def test_a_flooding_vm_is_capped_whatever_it_sends_to():
+    dmz = load(OPEN)
+    web = "10.231.0.10"
+    for dst, proto, port, hook in (("198.18.33.100", "udp", 5000, "forward"),     # egress
+                                   ("10.232.0.53", "udp", 53, "forward"),        # a hole
+                                   ("10.231.0.1", "udp", 53, "input"),           # DNS on the gateway
+                                   ("2001:db8:33::100", "tcp", 80, "forward")):
+        src = web if ":" not in dst else "fdd0:231::10"
+        assert decide(dmz, dst, proto, src, port).allowed  # a new flow under the caps
+        d = decide(dmz, dst, proto, src, port, flood=True)
+        assert (d.allowed, d.decided_by, d.chain, d.hook) == (False, "flood", "flood", hook)
+        assert d.rule == "new flows over max_new_flows" and d.log_prefix == "dmzctl dmzt-iso flood: "
+        step = "from_dmz 3" if hook == "forward" else "to_host 3"
+        assert d.trace[-1].startswith(f"{step} a new flow; ") and d.trace[-1].endswith("jump flood")
+    # VM to VM through the host, and switched when br_netfilter shows it to the forward hook.
+    assert decide(dmz, "10.231.0.30", "tcp", web, 80, via_host=True, flood=True).decided_by == "flood"
+    assert decide(dmz, "10.231.0.25", "tcp", web, 80, bridge_netfilter=True, flood=True).decided_by == "flood"
+    assert decide(dmz, "10.231.0.25", "tcp", web, 80, bridge_netfilter=False, flood=True).decided_by == "layer2"
+    # Caps come before anti-spoofing: a forged source counts against the VM that sends it.
+    assert decide(dmz, "10.232.0.10", "udp", "10.233.0.77", 123, flood=True).decided_by == "flood"
+
+
+def test_caps_are_named_in_every_trace_and_per_vm():
+    dmz = load(OPEN)
+    d = decide(dmz, "10.233.0.100", "udp", "10.231.0.10", 5000)
+    assert "from_dmz 3 a new flow: counted against dmzt-web's caps (2000/second new flows, burst 4000; " \
+           "20000 flows at once): under them, next rule" in d.trace
+    assert any(step.startswith("from_dmz 4 ") for step in d.trace)
+    assert any(step.startswith("to_host 3 a new flow: counted against its VM's caps") for step in
+               decide(dmz, "10.231.0.1", "udp", None, 53).trace)
+    own = dmz_from(max_flows=300, max_new_flows="20/second")
+    assert "counted against its VM's caps (20/second new flows, burst 40; 300 flows at once)" in \
+        decide(own, "198.51.100.1", "udp", "10.9.0.5", 9).trace[2]
+    data = tomllib.loads(OPEN.read_text())
+    data["vm"][1]["max_flows"] = 100000
+    mail = parse_dmz(data)
+    d = decide(mail, "10.233.0.100", "tcp", "10.231.0.25", 80, flood=True)
+    assert d.rule == "new flows over dmzt-mail's max_new_flows"
+    assert "100000 flows at once" in d.reason
+
+
+def test_flows_from_outside_are_never_capped():
+    dmz = load(OPEN)
+    assert decide(dmz, "10.231.0.10", "tcp", "10.232.0.10", 80, from_dmz=False, flood=True).decided_by \
+        == "not-from-dmz"
+    with pytest.raises(ExplainError):
+        make_flow(dmz, "10.232.0.5", "10.231.0.10:80", outside=True, flood=True)
+
+
 # --- the order is render/nft.py's --------------------------------------------------------
 
 def _chains(commands):
@@ -273,6 +322,14 @@ def test_cli_explain_text_and_json():
     result = runner.invoke(app, ["explain", str(OPEN), "--from", "dmzt-web", "--to", "192.0.2.77:22",
                                  "--no-read-host", "--host-address", "192.0.2.77", "--json"])
     assert json.loads(result.output)["decided_by"] == "host"
+
+
+def test_cli_explain_flood():
+    result = CliRunner().invoke(app, ["explain", str(OPEN), "--from", "dmzt-web", "--to", "10.233.0.100:80",
+                                      "--no-read-host", "--flood"])
+    assert result.exit_code == 0, result.output
+    assert "BLOCKED" in result.output and "(while flooding)" in result.output
+    assert "logged (rate-limited) with the prefix 'dmzctl dmzt-iso flood: '" in result.output
 
 
 def test_cli_explain_errors_are_one_line():

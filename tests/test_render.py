@@ -138,7 +138,8 @@ def test_input_order_is_the_contract():
     assert order.index("IPv4 source outside the DMZ subnet") < order.index("hole dns") \
         < order.index("DHCP to the gateway") < order.index("DNS to the gateway (IPv6)") \
         < order.index("IPv6 neighbour discovery")
-    assert comments(render_table(dmz), "from_dmz")[0] == "VM to VM within the DMZ"
+    assert comments(render_table(dmz), "from_dmz")[:2] == ["new flows: per-VM caps", "VM to VM within the DMZ"]
+    assert order[0] == "new flows: per-VM caps"
     assert order[-1] == "everything else to the host"
 
 
@@ -146,7 +147,7 @@ def test_egress_none_is_last_and_isolation_present():
     dmz = load(Path(__file__).parent / "configs" / "nat-v4-only.toml")
     order = comments(render_table(dmz), "from_dmz")
     assert order[-1] == "egress none"
-    assert order[0] == "VM to VM (isolate_vms)"
+    assert order[:2] == ["new flows: per-VM caps", "VM to VM (isolate_vms)"]
     assert order.index("the DMZ has no IPv6") < order.index("to protected IPv4")
 
 
@@ -353,3 +354,123 @@ def test_slaac_address_is_modified_eui64():
     dmz = load(ROOT / "examples" / "demo.toml")
     spoof6 = to_string(build(dmz).nwfilters["dmzctl-demo-demo-web-spoof6"])
     assert 'srcipaddr="fdd0:213::10"' in spoof6 and "fdd0:213::5054:ff:fe" in spoof6
+
+
+# --- per-VM caps on new and concurrent flows ----------------------------------------------
+
+def caps_config(dmz_caps=None, *vm_caps):
+    """web-and-mail.toml with caps added to [dmz] and to its VMs, in order."""
+    data = tomllib.loads((ROOT / "examples" / "web-and-mail.toml").read_text())
+    data["dmz"].update(dmz_caps or {})
+    for vm, caps in zip(data["vm"], vm_caps):
+        vm.update(caps)
+    return parse_dmz(data, Path("/etc/dmzctl/web-and-mail.toml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_caps_are_the_first_rule_for_every_new_flow_from_the_dmz(config):
+    """Before VM to VM, anti-spoofing, holes and DHCP/DNS: nothing a VM starts escapes them. Only new
+    flows: replies were accepted by the hook chain's first rule, and the LAN's flows never jump here."""
+    commands = render_table(load(config))
+    for chain in ("from_dmz", "to_host"):
+        first = rules(commands, chain)[0]
+        assert first["comment"] == "new flows: per-VM caps"
+        assert first["expr"] == [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}},
+                                 {"jump": {"target": "caps"}}]
+    hooks = {chain: [r["expr"] for r in rules(commands, chain)] for chain in ("forward", "input")}
+    for exprs in hooks.values():
+        assert exprs[0][0]["match"]["right"] == ["established", "related"] and exprs[0][1] == {"accept": None}
+        assert exprs[1][0]["match"]["left"] == {"meta": {"key": "iifname"}}  # only from the DMZ bridge
+
+
+def test_caps_are_two_lookups_keyed_by_the_senders_mac_whatever_the_number_of_vms():
+    dmz = load(ROOT / "examples" / "web-and-mail.toml")
+    caps = rules(render_table(dmz), "caps")
+    assert [r["comment"] for r in caps] == ["new flows over max_new_flows", "flows over max_flows"]
+    rate, count = (r["expr"] for r in caps)
+    sender = {"payload": {"protocol": "ether", "field": "saddr"}}
+    assert rate[0] == {"set": {"op": "update", "elem": sender, "set": "@new_flows", "stmt": [
+        {"limit": {"rate": 2000, "per": "second", "burst": 4000, "burst_unit": "packets", "inv": True}}]}}
+    assert count[0] == {"set": {"op": "add", "elem": sender, "set": "@flows", "stmt": [
+        {"ct count": {"val": 20000, "inv": True}}]}}
+    for exprs in (rate, count):  # counted apart (which cap), dropped and logged in flood
+        assert exprs[1:] == [{"counter": None}, {"jump": {"target": "flood"}}]
+    flood = rules(render_table(dmz), "flood")
+    assert [next(iter(e)) for e in flood[0]["expr"]] == ["limit", "log"]
+    assert flood[0]["expr"][1]["log"]["prefix"] == "dmzctl pub flood: "
+    assert [next(iter(e)) for e in flood[1]["expr"]] == ["counter", "drop"]
+    sets = {c["add"]["set"]["name"]: c["add"]["set"] for c in render_table(dmz) if "set" in c.get("add", {})}
+    assert sets["new_flows"]["type"] == sets["flows"]["type"] == "ether_addr"
+    assert "timeout" not in sets["flows"]  # ct count elements go when their last flow ends
+
+
+def test_caps_configurable_and_per_vm_overrides_share_one_vmap():
+    dmz = caps_config({"max_new_flows": "100/minute", "max_flows": 300}, {"max_flows": 50000},
+                      {"max_new_flows": "5000/second"})
+    commands = render_table(dmz)
+    caps = rules(commands, "caps")
+    assert [r["comment"] for r in caps] == ["VMs with caps of their own", "new flows over max_new_flows",
+                                            "flows over max_flows"]
+    vmap = caps[0]["expr"][0]["vmap"]
+    assert vmap["data"]["set"] == [[dmz.vm("web").mac, {"goto": {"target": "caps_1"}}],
+                                   [dmz.vm("mail").mac, {"goto": {"target": "caps_2"}}]]
+    assert caps[1]["expr"][0]["set"]["stmt"][0]["limit"] == {
+        "rate": 100, "per": "minute", "burst": 200, "burst_unit": "packets", "inv": True}
+    web = rules(commands, "caps_1")
+    assert web[0]["comment"] == "new flows over web's max_new_flows"
+    assert web[0]["expr"][0]["set"]["stmt"][0]["limit"]["rate"] == 100  # the DMZ's rate, its own count
+    assert web[1]["expr"][0]["set"]["stmt"] == [{"ct count": {"val": 50000, "inv": True}}]
+    mail = rules(commands, "caps_2")
+    assert mail[0]["expr"][0]["set"]["stmt"][0]["limit"] == {
+        "rate": 5000, "per": "second", "burst": 10000, "burst_unit": "packets", "inv": True}
+    assert mail[1]["expr"][0]["set"]["stmt"] == [{"ct count": {"val": 300, "inv": True}}]
+    # 200 new flows refill at 100/minute in 120 s: the meter's elements outlive that.
+    new_flows = next(c["add"]["set"] for c in commands if c.get("add", {}).get("set", {}).get("name") == "new_flows")
+    assert new_flows["timeout"] == 120
+    nftables = pytest.importorskip("nftables", reason="python3-nftables (scripts/setup.sh)")
+    nft = nftables.Nftables()
+    nft.set_dry_run(True)
+    rc, _out, err = nft.json_cmd(apply_batch(dmz))
+    assert rc == 0, err
+
+
+def test_vms_with_the_dmzs_caps_get_no_chain_of_their_own():
+    dmz = caps_config({}, {"max_flows": 20000})  # the default, written out
+    assert dmz.vm("web").flow_caps is None
+    assert [r["comment"] for r in rules(render_table(dmz), "caps")][0] == "new flows over max_new_flows"
+
+
+def test_meter_elements_are_state_not_policy():
+    """A live table whose meters hold elements is the table the config renders (check, plan, guard)."""
+    from dmzctl.host.nft import canonical
+    from dmzctl.plan import _normal_text
+
+    rule = {"rule": {"family": "inet", "table": "t", "chain": "caps", "handle": 9, "expr": [
+        {"set": {"op": "add", "elem": {"payload": {"protocol": "ether", "field": "saddr"}}, "set": "@flows",
+                 "stmt": [{"ct count": {"val": 300, "inv": True}}]}},
+        {"counter": {"packets": 5, "bytes": 300}}, {"jump": {"target": "flood"}}]}}
+    flows = {"family": "inet", "name": "flows", "table": "t", "type": "ether_addr", "handle": 3, "size": 65535}
+    protected = {"family": "inet", "name": "protected4", "table": "t", "type": "ipv4_addr", "handle": 2,
+                 "flags": ["interval"], "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}]}
+    filled = dict(flows, elem=[{"elem": {"val": "52:54:00:aa:bb:cc", "ct count": {"val": 300, "inv": True}}}])
+    empty = canonical({"nftables": [{"set": protected}, {"set": flows}, rule]})
+    assert canonical({"nftables": [{"set": protected}, {"set": filled}, rule]}) == empty
+    assert any(o.get("set", {}).get("elem") for o in empty), "static sets keep their elements"
+    text = """table inet t {
+	set flows {
+		type ether_addr
+		size 65535
+		flags dynamic
+		elements = { 52:54:00:aa:bb:cc ct count over 300,
+			     52:54:00:aa:bb:cd ct count over 300 }
+	}
+	set protected4 {
+		type ipv4_addr
+		flags interval
+		elements = { 10.0.0.0/8 }
+	}
+}
+"""
+    normal = _normal_text(text)
+    assert not any("52:54:00" in line for line in normal)
+    assert "\t\telements = { 10.0.0.0/8 }" in normal

@@ -58,9 +58,11 @@ def table_exists(name: str) -> bool:
 
 
 def canonical(listing: Optional[dict]) -> Any:
-    """A listing reduced to what defines the policy: no handles, counters or limits' state."""
+    """A listing reduced to what defines the policy: no handles, counters or limits' state, and no
+    elements in the sets the packet path fills (the caps' meters: their elements are state)."""
     if listing is None:
         return None
+    dynamic = _dynamic_sets(listing)
     objects = []
     for item in listing.get("nftables", []):
         if "metainfo" in item:
@@ -70,10 +72,25 @@ def canonical(listing: Optional[dict]) -> Any:
             objects.append({kind: body})
             continue
         body = {k: v for k, v in body.items() if k not in ("handle", "index")}
+        if kind == "set" and body.get("name") in dynamic:
+            body.pop("elem", None)
         if kind == "rule":
             body["expr"] = [_strip_counter(e) for e in body.get("expr", [])]
         objects.append({kind: body})
     return objects
+
+
+def _dynamic_sets(listing: dict) -> set:
+    """Names of the sets that rules add to or update from the packet path (`add @s {...}`)."""
+    names = set()
+    for item in listing.get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        for expr in (rule or {}).get("expr", []):
+            target = expr.get("set", {}).get("set") if isinstance(expr, dict) and isinstance(expr.get("set"), dict) \
+                else None
+            if isinstance(target, str) and target.startswith("@"):
+                names.add(target[1:])
+    return names
 
 
 def _strip_counter(expr: Any) -> Any:

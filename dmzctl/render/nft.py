@@ -5,25 +5,41 @@ Chain order is the contract (tests check it):
 
   forward (hook)  1 established/related accepted
                   2 from the DMZ bridge -> from_dmz
-  from_dmz        3 back into the DMZ (VM to VM, switched with br_netfilter or routed
+  from_dmz        3 a new flow -> caps: over its VM's caps -> flood (log, drop)
+                  4 back into the DMZ (VM to VM, switched with br_netfilter or routed
                     by the host): accepted, or -> vm_to_vm when isolate_vms
-                  4 source outside the DMZ subnet -> spoofed (log, drop)
-                  5 holes accepted
-                  6 to protected -> protected (rate limit, log, drop), every protocol
-                  7 implicit blocks, each class to its own log-and-drop chain
+                  5 source outside the DMZ subnet -> spoofed (log, drop)
+                  6 holes accepted
+                  7 to protected -> protected (rate limit, log, drop), every protocol
+                  8 implicit blocks, each class to its own log-and-drop chain
                     (dmzctl/implicit.py): another DMZ -> other_dmz, a host or
                     libvirt subnet -> host_net, a private or special range -> private
-                  8 anything else dropped when egress = "none"
+                  9 anything else dropped when egress = "none"
   input (hook)    1 established/related accepted
                   2 the host's own multicast looped back on the DMZ bridge (its router
                     advertisements): accepted unlogged, not the DMZ's doing
                   3 from the DMZ bridge -> to_host
-  to_host         4 source outside the DMZ subnet -> spoofed
+  to_host         3 a new flow -> caps, as in from_dmz (a flood of the host's own
+                    addresses fills the conntrack table too)
+                  4 source outside the DMZ subnet -> spoofed
                   5 holes accepted (a protected address may be the host's own)
                   6 DHCP/DNS to the gateway (dhcp on; DNS also on the IPv6 gateway and the
                     bridge's link-local address, which libvirt's router advertisements name),
                     neighbour discovery (IPv6 on)
                   7 everything else -> host (rate limit, log, drop)
+  caps            (VMs with caps of their own -> caps_N, which does the same with theirs)
+                  new flows over max_new_flows -> flood; flows over max_flows -> flood;
+                  otherwise back to the calling chain
+
+The caps come first so that nothing the DMZ starts escapes them: VM to VM (conntrack sees
+it too with br_netfilter), forged sources (dropped later, but counted against the VM that
+sent them), holes, DHCP and DNS. They are keyed by the sender's MAC address, not its IP
+address: one budget per VM for IPv4, IPv6 (static, SLAAC and link-local) and DHCP from
+0.0.0.0 alike, and a key space a VM cannot widen by choosing source addresses (libvirt's
+no-mac-spoofing binds the MAC to the NIC). Per packet: a `ct state` test on flows that are
+not established, then two hash lookups (a vmap first when some VMs have caps of their own),
+whatever the number of VMs. Only new flows are counted; replies and the flows the LAN
+opens into the DMZ are established/related or never enter from the bridge.
 """
 
 from __future__ import annotations
@@ -31,7 +47,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Optional
 
-from ..config import DMZ, Hole
+from ..config import DMZ, FlowCaps, Hole
 from ..implicit import CLASSES, LOG_REASONS, SET_NAMES, Blocked, HostView, blocks_for, set_elements
 
 FAMILY = "inet"
@@ -175,6 +191,76 @@ def _implicit_rules(dmz: DMZ, chain: str) -> list[Command]:
     return rules
 
 
+
+# --- per-VM caps on new and concurrent flows (conntrack exhaustion) ---------
+
+CAPS_SET_SIZE = 65535  # MAC keys: a DMZ's VMs; a forged MAC never reaches the bridge past no-mac-spoofing
+PERIOD_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def _caps_groups(dmz: DMZ) -> list[tuple[FlowCaps, list]]:
+    """VMs with caps of their own, grouped by equal caps, in config order (one chain per group)."""
+    groups: dict[FlowCaps, list] = {}
+    for vm in dmz.vms:
+        if vm.flow_caps is not None and vm.flow_caps != dmz.flow_caps:
+            groups.setdefault(vm.flow_caps, []).append(vm)
+    return list(groups.items())
+
+
+def _rate_set_timeout(dmz: DMZ) -> int:
+    """Long enough that an element never expires before its bucket would have refilled: expiry then
+    changes nothing (a fresh element starts with a full bucket, as an idle old one would)."""
+    every = [dmz.flow_caps] + [caps for caps, _vms in _caps_groups(dmz)]
+    refill = max(-(-caps.new_burst * PERIOD_SECONDS[caps.rate[1]] // caps.rate[0]) for caps in every)
+    return max(60, refill)
+
+
+def _caps_rules(dmz: DMZ, chain: str, caps: FlowCaps, whose: str) -> list[Command]:
+    sender = {"payload": {"protocol": "ether", "field": "saddr"}}
+    number, per = caps.rate
+    over_rate = {"limit": {"rate": number, "per": per, "burst": caps.new_burst, "burst_unit": "packets",
+                           "inv": True}}
+    over_count = {"ct count": {"val": caps.flows, "inv": True}}
+    return [
+        _rule(dmz, chain, [{"set": {"op": "update", "elem": sender, "set": "@new_flows", "stmt": [over_rate]}},
+                           _counter(), _verdict("jump", "flood")], f"new flows over {whose}max_new_flows"),
+        _rule(dmz, chain, [{"set": {"op": "add", "elem": sender, "set": "@flows", "stmt": [over_count]}},
+                           _counter(), _verdict("jump", "flood")], f"flows over {whose}max_flows"),
+    ]
+
+
+def _flow_caps(dmz: DMZ) -> list[Command]:
+    """The sets, the `caps` chain (and one chain per group of VMs with caps of their own) and `flood`."""
+    table = table_name(dmz)
+    commands: list[Command] = [
+        {"add": {"set": {"family": FAMILY, "table": table, "name": "new_flows", "type": "ether_addr",
+                         "flags": ["timeout"], "timeout": _rate_set_timeout(dmz),
+                         "size": CAPS_SET_SIZE}}},
+        {"add": {"set": {"family": FAMILY, "table": table, "name": "flows", "type": "ether_addr",
+                         "size": CAPS_SET_SIZE}}},
+    ]
+    commands += _log_drop_chain(dmz, "flood", "flood")
+    commands.append(_chain(dmz, "caps"))
+    groups = _caps_groups(dmz)
+    mapping = []
+    for index, (caps, vms) in enumerate(groups, 1):
+        commands.append(_chain(dmz, f"caps_{index}"))
+        commands += _caps_rules(dmz, f"caps_{index}", caps, f"{', '.join(vm.name for vm in vms)}'s ")
+        mapping += [[vm.mac, _verdict("goto", f"caps_{index}")] for vm in vms]
+    if mapping:
+        commands.append(_rule(dmz, "caps", [{"vmap": {"key": {"payload": {"protocol": "ether", "field": "saddr"}},
+                                                       "data": {"set": mapping}}}],
+                              "VMs with caps of their own"))
+    commands += _caps_rules(dmz, "caps", dmz.flow_caps, "")
+    return commands
+
+
+def _caps_jump(dmz: DMZ, chain: str) -> Command:
+    return _rule(dmz, chain, [_match({"ct": {"key": "state"}}, "new", "in"), _verdict("jump", "caps")],
+                 "new flows: per-VM caps")
+
+
+
 def render_table(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> list[Command]:
     """Every command that creates the table from nothing, in order.
 
@@ -201,12 +287,14 @@ def render_table(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> list
         log_drop_chains.append(("egress", "egress"))
     for chain, reason in log_drop_chains:
         commands += _log_drop_chain(dmz, chain, reason)
+    commands += _flow_caps(dmz)
 
     # forward: the DMZ towards everything routed through the host.
     commands += [_chain(dmz, "forward", "forward"), _chain(dmz, "from_dmz")]
     commands.append(_rule(dmz, "forward", [established, _verdict("accept")], "replies to allowed flows"))
     commands.append(_rule(dmz, "forward", [from_bridge, _verdict("jump", "from_dmz")], "from the DMZ"))
-    # First: with br_netfilter the forward hook also sees frames switched between
+    commands.append(_caps_jump(dmz, "from_dmz"))
+    # Next: with br_netfilter the forward hook also sees frames switched between
     # VMs (IPv6 link-local included), which neither spoofing nor egress concerns.
     if dmz.isolate_vms:
         commands.append(_rule(dmz, "from_dmz", [_match(_meta("oifname"), bridge), _verdict("jump", "vm_to_vm")],
@@ -238,6 +326,7 @@ def render_table(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> list
                                          _match({"fib": {"flags": ["saddr"], "result": "type"}}, "local"),
                                          _verdict("accept")], "the host's own multicast, looped back"))
     commands.append(_rule(dmz, "input", [from_bridge, _verdict("jump", "to_host")], "from the DMZ"))
+    commands.append(_caps_jump(dmz, "to_host"))
     commands += _source_checks(dmz, "to_host", allow_unspecified=True)
     for hole in dmz.holes:
         commands.append(_rule(dmz, "to_host", _hole_exprs(dmz, hole) + [_counter(), _verdict("accept")],
