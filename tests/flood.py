@@ -30,8 +30,8 @@ import struct
 import sys
 import time
 
-ALLOWED = [ipaddress.ip_network(n) for n in ("10.244.0.0/16", "198.18.44.0/23", "fdd0:244::/32",
-                                              "2001:db8:44::/63")]
+ALLOWED = [ipaddress.ip_network(n) for n in ("10.244.0.0/16", "198.18.44.0/23", "fdd0:244::/32", "2001:db8:45::/64",
+                                              "2001:db8:44::/64")]
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 

@@ -225,8 +225,18 @@ class Sampler:
         self.most = max(self.most, entries(*self.sources))
 
 
-def _flood_log_lines(dmz) -> list[str]:
-    return netns.kernel_log(f"dmzctl {dmz.name} flood: ")
+def _flood_log_lines(dmz, after: float = -1.0) -> list[str]:
+    """The flood chain's kernel log lines stamped after `after` (the kernel's seconds since boot):
+    by time, not by position, since the ring buffer drops old lines while other tests log."""
+    return [line for line in netns.kernel_log(f"dmzctl {dmz.name} flood: ") if _stamp(line) > after]
+
+
+def _stamp(line: str) -> float:
+    return float(line.split("]", 1)[0].strip("[ "))
+
+
+def _kernel_now() -> float:
+    return float(Path("/proc/uptime").read_text().split()[0])
 
 
 @pytest.mark.host
@@ -238,7 +248,7 @@ def test_udp_flood_is_capped_and_the_rest_carries_on(live):
     dmz = live.dmz
     cap = dmz.flow_caps.flows
     live.reset()
-    logged_before = len(_flood_log_lines(dmz))
+    logged_after = _kernel_now()
     token = netns.new_token()
     hold = live.spawn("lan", "hold", "--dst", FLOODER[0], "--port", "80", "--wait", "1.0", "--token", token)
     time.sleep(0.5)  # connected before the flood begins
@@ -277,7 +287,7 @@ def test_udp_flood_is_capped_and_the_rest_carries_on(live):
     assert dropped == caps["new flows over max_new_flows"] + caps["flows over max_flows"]
     assert caps["new flows over max_new_flows"] > 0 and caps["flows over max_flows"] > 0, caps
     # Logged under log_rate: a fresh table's bucket holds log_burst lines, 6/hour adds none meanwhile.
-    lines = _flood_log_lines(dmz)[logged_before:]
+    lines = _flood_log_lines(dmz, logged_after)
     assert len(lines) == dmz.log_burst, lines
     assert all(f"SRC={FLOODER[0]} " in line for line in lines), lines
 
@@ -347,7 +357,9 @@ def test_a_flood_of_the_hosts_own_dns_is_capped_too(live):
     print(f"\nDNS to the gateway: {flooded['sent']} in {flooded['seconds']} s, {admitted} entries (cap {cap})")
     assert flooded["sent"] > 10 * cap, flooded
     assert cap * 0.9 <= admitted <= cap
-    assert counted["flows over max_flows"] + counted["new flows over max_new_flows"] >= flooded["sent"] - cap
+    # Each query from a new socket; a source port the kernel hands out twice meets its earlier, answered
+    # flow (established: no new entry, not capped), hence the few queries of slack.
+    assert counted["flows over max_flows"] + counted["new flows over max_new_flows"] >= flooded["sent"] - cap - 20
 
 
 @pytest.mark.host
@@ -394,8 +406,8 @@ def test_a_vm_with_caps_of_its_own(live):
 def test_the_live_table_with_filled_meters_is_the_configs(live):
     """check, plan and guard compare the live table with the config's: the meters' elements are state, not
     drift (else the guard would "restore" the table, and with it empty meters, under every flood)."""
-    from dmzctl.desired import build
     from dmzctl.host import nft
+    from dmzctl.lifecycle import build_table_only as desired_state_of
     from dmzctl.plan import decide_firewall
     from dmzctl.render.nft import table_name
 
@@ -403,7 +415,7 @@ def test_the_live_table_with_filled_meters_is_the_configs(live):
     live.flood("flooder", "--kind", "udp", "--dst", WAN[0], "--ports", CLOSED, "--count", "2000", "--seconds", "2")
     text = nft.list_table_text(table_name(live.dmz))
     assert "ct count over 300" in text.split("chain")[0], "the meters hold the flooder's MAC"
-    assert decide_firewall(build(live.dmz)).in_sync
+    assert decide_firewall(desired_state_of(live.dmz)).in_sync
 
 
 @pytest.mark.host
