@@ -18,6 +18,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -476,6 +477,19 @@ def test_host_probes_have_teeth_without_the_nwfilter_host_rules(world):
         path.write_text(original)
         sh("virsh", "-q", "nwfilter-define", str(path))
         dmzctl("firewall", "up", str(world["config"]), check=True)
+
+
+def test_a_guest_flooding_its_serial_console_cannot_fill_the_host_s_disk(world):
+    """The serial console is logged by virtlogd, which rotates the file at max_size and keeps max_backups
+    (/etc/libvirt/virtlogd.conf; 2 MiB and 3 by default): 16 MiB written by the guest leave at most
+    (max_backups + 1) x max_size on the host."""
+    log = Path(f"/var/log/libvirt/qemu/{VM}-serial.log")
+    rc, out = in_guest(VM_IP, "head -c 16777216 /dev/zero | tr '\\0' x > /dev/ttyS0; echo done", timeout=300)
+    assert "done" in out, out
+    files = sorted(log.parent.glob(f"{log.name}*"))
+    sizes = {path.name: path.stat().st_size for path in files}
+    assert sum(sizes.values()) <= 4 * 2 * 1024 * 1024 + 65536, sizes
+    assert len(files) >= 2, f"no rotation happened: {sizes}"
 
 
 def test_forged_mac_is_dropped(world):
