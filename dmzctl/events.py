@@ -10,16 +10,16 @@ import syslog
 import time
 from pathlib import Path
 
-EVENT_LOG = Path(os.environ.get("DMZCTL_EVENT_LOG", "/var/log/dmzctl.log"))
 
-
-def record(message: str) -> None:
+def record(log_path: Path, message: str) -> None:
+    """To syslog, and appended to log_path (Settings.event_log)."""
     syslog.openlog("dmzctl", syslog.LOG_PID, syslog.LOG_DAEMON)
     syslog.syslog(syslog.LOG_NOTICE, message)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
-        EVENT_LOG.parent.mkdir(parents=True, exist_ok=True)
-        with EVENT_LOG.open("a") as log:
+        log_path = Path(log_path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a") as log:
             log.write(f"{stamp} dmzctl[{os.getpid()}]: {message}\n")
     except OSError:
         pass  # syslog still has it; an unwritable log file must not stop a shutdown

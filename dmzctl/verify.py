@@ -885,7 +885,8 @@ def verify(dmz, targets: Iterable = (), skip: Iterable = (), host_addresses: Opt
            say: Callable[[str], None] = lambda _m: None) -> Report:
     """Probe the live DMZ from a temporary namespace; the namespace is gone when this returns or raises."""
     from .errors import HostError
-    from .lifecycle import firewall_in_sync, require_root, build_table_only
+    from .ops.lifecycle import require_root, table_only as build_table_only
+    from .state import observe_table
 
     require_root()
     report = Report(dmz=dmz.name, bridge=dmz.bridge)
@@ -908,7 +909,7 @@ def verify(dmz, targets: Iterable = (), skip: Iterable = (), host_addresses: Opt
     if before is None:
         report.problems.append(f"firewall table inet dmzctl-{dmz.name} is absent: nothing but the per-VM "
                                f"nwfilters protects the LAN and the host")
-    elif not firewall_in_sync(table_now):
+    elif not observe_table(table_now).in_sync:
         report.problems.append(f"firewall table inet dmzctl-{dmz.name} differs from the config "
                                f"(dmzctl status; dmzctl firewall up)")
 

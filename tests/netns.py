@@ -317,34 +317,36 @@ def leftovers() -> list[str]:
 def dmz_up_without_vms(dmz, say=lambda _m: None) -> None:
     """`dmzctl up` minus the VMs: network, nwfilters and the nft table, undone if a step fails.
 
-    lifecycle.up always starts the config's VMs; the VMs here are namespaces, so the
+    ops.lifecycle.up always starts the config's VMs; the VMs here are namespaces, so the
     steps before the VMs are called one by one, in up's order.
     """
-    from dmzctl import lifecycle
     from dmzctl.host.virt import Virt
+    from dmzctl.ops import lifecycle
+    from dmzctl.settings import Settings
 
-    with Virt("qemu:///system") as virt:
-        desired = lifecycle.desired_state(virt, dmz)
-        lifecycle.preflight(virt, desired, [])
+    settings = Settings.from_environment()
+    with Virt(settings.uri) as virt:
+        snap, _names = lifecycle.inspect_for_up(virt, dmz, settings, [])
         outcome = lifecycle.Outcome(dmz.name, say)
         undo = lifecycle.Undo(say)
         try:
-            lifecycle._up_network(virt, desired, outcome, undo)
-            lifecycle._up_nwfilters(virt, desired, outcome, undo)
-            lifecycle.apply_firewall(desired, outcome, undo)
+            lifecycle._up_network(virt, snap.desired, snap.observed, outcome, undo)
+            lifecycle._up_nwfilters(virt, snap.desired, snap.observed, outcome, undo)
+            lifecycle.apply_firewall(snap.desired, snap.observed.table, outcome, undo, settings)
         except BaseException:
             undo.run()
             raise
 
 
 def dmz_down(dmz) -> None:
-    from dmzctl import lifecycle
     from dmzctl.host.virt import Virt
+    from dmzctl.ops import lifecycle
+    from dmzctl.settings import Settings
 
-    with Virt("qemu:///system") as virt:
-        net = virt.network(dmz.name)
-        if net is not None or Path(f"/sys/class/net/{dmz.bridge}").exists():
-            lifecycle.down(virt, dmz, say=lambda _m: None)
+    settings = Settings.from_environment()
+    with Virt(settings.uri) as virt:
+        if virt.network_info(dmz.name) is not None or Path(f"/sys/class/net/{dmz.bridge}").exists():
+            lifecycle.down(virt, dmz, settings, say=lambda _m: None)
     from dmzctl.host import nft
     from dmzctl.render.nft import delete_batch, table_name
 
@@ -362,10 +364,10 @@ def dmz_exists(dmz) -> bool:
 def reapply_table(dmz) -> None:
     """Replace the DMZ's table whole (one transaction): counters and log limits start afresh."""
     from dmzctl.host import nft
-    from dmzctl.lifecycle import build_table_only
+    from dmzctl.ops.lifecycle import table_only
     from dmzctl.render.nft import apply_batch
 
-    nft.apply(apply_batch(dmz, build_table_only(dmz).blocks))
+    nft.apply(apply_batch(dmz, table_only(dmz).blocks))
 
 
 def chain_counter(dmz, chain: str) -> int:

@@ -407,15 +407,15 @@ def test_the_live_table_with_filled_meters_is_the_configs(live):
     """check, plan and guard compare the live table with the config's: the meters' elements are state, not
     drift (else the guard would "restore" the table, and with it empty meters, under every flood)."""
     from dmzctl.host import nft
-    from dmzctl.lifecycle import build_table_only as desired_state_of
-    from dmzctl.plan import decide_firewall
+    from dmzctl.ops.lifecycle import table_only
+    from dmzctl.state import observe_table
     from dmzctl.render.nft import table_name
 
     live.reset()
     live.flood("flooder", "--kind", "udp", "--dst", WAN[0], "--ports", CLOSED, "--count", "2000", "--seconds", "2")
     text = nft.list_table_text(table_name(live.dmz))
     assert "ct count over 300" in text.split("chain")[0], "the meters hold the flooder's MAC"
-    assert decide_firewall(desired_state_of(live.dmz)).in_sync
+    assert observe_table(table_only(live.dmz)).in_sync
 
 
 @pytest.mark.host

@@ -8,10 +8,12 @@ import typer
 
 libvirt = pytest.importorskip("libvirt")
 
-from dmzctl import cli, lifecycle  # noqa: E402
+from dmzctl import cli  # noqa: E402
 from dmzctl.config import parse_dmz  # noqa: E402
 from dmzctl.errors import HostError  # noqa: E402
 from dmzctl.host.virt import Virt  # noqa: E402
+from dmzctl.ops import lifecycle  # noqa: E402
+from dmzctl.settings import Settings  # noqa: E402
 
 
 def libvirt_error(code: int, message: str = "simulated") -> "libvirt.libvirtError":
@@ -34,55 +36,39 @@ class Dom:
         return answer, 0
 
 
-def bare_virt() -> Virt:
-    virt = Virt.__new__(Virt)  # no connection: only the state logic is under test
+def bare_virt(dom) -> Virt:
+    """A Virt without a connection whose one domain is `dom`: only the state logic is under test."""
     import threading
 
+    virt = Virt.__new__(Virt)
     virt._state_changed = threading.Condition()
+    virt._domain = lambda _name: dom
+    virt.shutdown_domain = lambda _name: setattr(virt, "asked_to_shut_down", True)
     return virt
 
 
 def test_an_error_is_not_shut_off():
-    virt = bare_virt()
-    dom = Dom(libvirt_error(libvirt.VIR_ERR_OPERATION_TIMEOUT, "cannot acquire state change lock"))
+    virt = bare_virt(Dom(libvirt_error(libvirt.VIR_ERR_OPERATION_TIMEOUT, "cannot acquire state change lock")))
     with pytest.raises(HostError, match="reading the state of domain web: cannot acquire state change lock"):
-        virt.is_off(dom)
+        virt.is_off("web")
 
 
 def test_a_domain_that_is_gone_is_off():
-    virt = bare_virt()
-    assert virt.is_off(Dom(libvirt_error(libvirt.VIR_ERR_NO_DOMAIN)))
-    assert virt.is_off(Dom(libvirt.VIR_DOMAIN_SHUTOFF))
-    assert not virt.is_off(Dom(libvirt.VIR_DOMAIN_RUNNING))
+    assert bare_virt(Dom(libvirt_error(libvirt.VIR_ERR_NO_DOMAIN))).is_off("web")
+    assert bare_virt(None).is_off("web")
+    assert bare_virt(Dom(libvirt.VIR_DOMAIN_SHUTOFF)).is_off("web")
+    assert not bare_virt(Dom(libvirt.VIR_DOMAIN_RUNNING)).is_off("web")
 
 
-def test_stop_domains_stops_at_an_error_so_down_keeps_the_firewall():
+def test_stop_domains_stops_at_an_error_so_down_keeps_the_firewall(tmp_path):
     """down() removes the table only after stop_domains returns: an error while waiting ends the run."""
     dmz = parse_dmz({"dmz": {"name": "err", "gateway": "10.9.0.1/24", "protected": ["10.8.0.0/24"]},
                      "vm": [{"name": "web", "kernel": "/k", "memory": 128}]})
-
-    class FlakyVirt:
-        def __init__(self):
-            self.inner = bare_virt()
-            self.dom = Dom(libvirt.VIR_DOMAIN_RUNNING, libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, "rpc broke"))
-            self.shutdown = False
-
-        def domain(self, _name):
-            return self.dom
-
-        def is_off(self, dom):
-            return self.inner.is_off(dom)
-
-        def shutdown_domain(self, _dom):
-            self.shutdown = True
-
-        def wait_for(self, predicate, timeout, tick=None):
-            return self.inner.wait_for(predicate, timeout, tick)
-
-    virt = FlakyVirt()
+    virt = bare_virt(Dom(libvirt.VIR_DOMAIN_RUNNING, libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, "rpc broke")))
+    settings = Settings(run_dir=tmp_path, event_log=tmp_path / "events.log")
     with pytest.raises(HostError, match="rpc broke"):
-        lifecycle.stop_domains(virt, dmz, ["web"], timeout=5, say=lambda _m: None)
-    assert virt.shutdown
+        lifecycle.stop_domains(virt, dmz, ["web"], settings, timeout=5, say=lambda _m: None)
+    assert virt.asked_to_shut_down
 
 
 def test_a_libvirt_error_that_escapes_is_one_line_and_exit_3(capsys):

@@ -7,6 +7,7 @@ afterwards, also when it fails.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -99,6 +100,26 @@ def test_up_boots_guest_behind_its_firewall_and_twice_is_a_no_op(make_dmz, tmp_p
     assert "no VM named 'lcup-nothing'" in dmzctl("console", "lcup-nothing").stderr
 
 
+def _wait_or_end(pid: int, limit: float) -> int:
+    """The child's wait status; SIGTERM after `limit` s (dmzctl console must end virsh then), SIGKILL
+    after as long again, so that a hung console never hangs the suite."""
+    import signal
+
+    deadline = time.monotonic() + limit
+    sent = None
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline and sent is None:
+            os.kill(pid, signal.SIGTERM)
+            sent = signal.SIGTERM
+            deadline = time.monotonic() + limit
+        elif time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
 def assert_console_attaches(vm: str) -> None:
     """`dmzctl console` attaches to the serial console, as virsh console does; Ctrl+] leaves."""
     import os
@@ -113,7 +134,7 @@ def assert_console_attaches(vm: str) -> None:
         os.chdir(ROOT)
         os.execv(sys.executable, [sys.executable, "-m", "dmzctl.cli", "console", vm])
     seen = b""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while b"Escape character" not in seen and time.monotonic() < deadline:
         if select.select([fd], [], [], 0.5)[0]:
             try:
@@ -121,9 +142,10 @@ def assert_console_attaches(vm: str) -> None:
             except OSError:
                 break
     os.write(fd, b"\x1d")  # Ctrl+]
-    _pid, status = os.waitpid(pid, 0)
+    status = _wait_or_end(pid, 15)
     os.close(fd)
     assert f"Connected to domain '{vm}'".encode() in seen, seen
+    assert b"Authorization not available" not in seen, "libvirt's polkit noise is left out"
     assert os.waitstatus_to_exitcode(status) == 0
 
 
@@ -287,17 +309,13 @@ def test_firewall_down_refuses_while_vms_run_and_restart_keeps_the_firewall(make
 def test_two_runs_on_one_dmz_do_not_interleave(make_dmz, tmp_path, monkeypatch):
     import threading
 
-    from dmzctl.lifecycle import dmz_lock
+    from dmzctl.host.lock import dmz_lock
 
     config = make_dmz("lclk", [])
-    monkeypatch.setenv("DMZCTL_RUN_DIR", str(tmp_path / "run"))
-    import dmzctl.lifecycle as lifecycle
-
-    monkeypatch.setattr(lifecycle, "LOCK_DIR", tmp_path / "run")
     released = threading.Event()
 
     def hold():
-        with dmz_lock("lclk"):
+        with dmz_lock(tmp_path / "run", "lclk"):
             time.sleep(2)
         released.set()
 

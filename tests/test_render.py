@@ -443,7 +443,7 @@ def test_vms_with_the_dmzs_caps_get_no_chain_of_their_own():
 def test_meter_elements_are_state_not_policy():
     """A live table whose meters hold elements is the table the config renders (check, plan, guard)."""
     from dmzctl.host.nft import canonical
-    from dmzctl.plan import _normal_text
+    from dmzctl.ops.plan import _normal_text
 
     rule = {"rule": {"family": "inet", "table": "t", "chain": "caps", "handle": 9, "expr": [
         {"set": {"op": "add", "elem": {"payload": {"protocol": "ether", "field": "saddr"}}, "set": "@flows",

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from dmzctl.install import dmzctl_binary, render_unit
+from dmzctl.ops.install import dmzctl_binary, render_unit
 
 
 @pytest.mark.parametrize("unit", ["dmzctl.service", "dmzctl-guard.service"])

@@ -14,14 +14,12 @@ Hooks must be fast and must never call libvirt: libvirtd waits for them.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import sys
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from typing import Optional
 
 NS = "http://dmzctl.org/xmlns/dmzctl/1.0"
 DMZ_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}\Z")
@@ -55,7 +53,11 @@ def network_start(network: str, data: bytes) -> int:
     if not config:
         return _warn(network, f"its dmzctl metadata names no config file; run 'dmzctl up' with DMZ {dmz_name}'s "
                               f"config")
-    lock = _try_lock(dmz_name)
+    from ..host.lock import try_lock
+    from ..settings import Settings
+
+    settings = Settings.from_environment()
+    lock = try_lock(settings.run_dir, dmz_name)
     if lock is None:
         return 0  # `dmzctl up` (or another run) holds the DMZ: it applies the table itself
     try:
@@ -79,8 +81,8 @@ def network_start(network: str, data: bytes) -> int:
         except DmzctlError as error:
             return _refuse(network, str(error))
         ms = (time.monotonic() - began) * 1000
-        events.record(f"dmz={dmz_name} firewall table {table_name(dmz)} applied by the libvirt network hook "
-                      f"(network {network} starting; {ms:.0f} ms)")
+        events.record(settings.event_log, f"dmz={dmz_name} firewall table {table_name(dmz)} applied by the "
+                                          f"libvirt network hook (network {network} starting; {ms:.0f} ms)")
         return 0
     finally:
         os.close(lock)
@@ -98,25 +100,12 @@ def _tell(message: str, code: int) -> int:
     print(message, file=sys.stderr)
     try:
         from .. import events
+        from ..settings import Settings
 
-        events.record(message)
+        events.record(Settings.from_environment().event_log, message)
     except Exception:  # the message on stderr reaches libvirt's log anyway
         pass
     return code
-
-
-def _try_lock(dmz_name: str) -> Optional[int]:
-    """The DMZ's lock (lifecycle.dmz_lock's file) if free now, else None. Never waits:
-    the holder may be the very `dmzctl up` that libvirt is starting this network for."""
-    run_dir = Path(os.environ.get("DMZCTL_RUN_DIR", "/run/dmzctl"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / f"{dmz_name}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def script(kind: str) -> Path:

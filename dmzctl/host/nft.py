@@ -20,6 +20,11 @@ def _binding():
     return nftables
 
 
+def binding_available() -> None:
+    """Raises the one-line HostError when the nftables binding is missing: checked before any change."""
+    _binding()
+
+
 def _client(dry_run: bool = False):
     # A fresh object each time: after a dry run, the same object can refuse a
     # real apply with "conflicting intervals" (HOST-NOTES).

@@ -89,7 +89,19 @@ def digest_of(xml: str) -> Optional[str]:
     return owned.get("digest") if owned is not None else None
 
 
-@dataclass
+@dataclass(frozen=True)
+class NetworkInfo:
+    name: str
+    owner: Optional[str]  # the DMZ its dmzctl metadata names; None when not dmzctl's
+    active: bool
+    autostart: bool
+    digest: Optional[str]  # of the persistent definition (what the next start runs)
+    live_digest: Optional[str]  # of what runs now; None when inactive
+    definition: str  # the persistent XML
+    bridge: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class DomainInfo:
     name: str
     state: str
@@ -99,10 +111,12 @@ class DomainInfo:
     live_digest: Optional[str]  # of what runs now; None when not running
     autostart: bool
     started_at: Optional[float]
+    definition: str = ""  # the persistent XML (the live one for a transient domain)
 
 
 class Virt:
-    """A connection plus the calls dmzctl makes; every libvirtError becomes a HostError."""
+    """A connection plus the calls dmzctl makes, by object name; every libvirtError becomes a
+    HostError, and no libvirt object leaves this class."""
 
     def __init__(self, uri: str):
         if libvirt is None:
@@ -161,7 +175,7 @@ class Virt:
 
     # --- networks ---------------------------------------------------------
 
-    def network(self, name: str):
+    def _network(self, name: str):
         try:
             return self.conn.networkLookupByName(name)
         except libvirt.libvirtError as error:
@@ -169,36 +183,51 @@ class Virt:
                 return None
             raise HostError(f"looking up network {name}: {describe(error)}") from None
 
-    def network_xml(self, net, inactive: bool = True) -> str:
-        flags = libvirt.VIR_NETWORK_XML_INACTIVE if inactive else 0
-        with self._call(f"reading network {net.name()}"):
-            return net.XMLDesc(flags)
+    def _must_network(self, name: str):
+        net = self._network(name)
+        if net is None:
+            raise HostError(f"network {name} is gone")
+        return net
 
-    def define_network(self, xml: str):
+    def network_info(self, name: str) -> Optional[NetworkInfo]:
+        net = self._network(name)
+        if net is None:
+            return None
+        with self._call(f"reading network {name}"):
+            definition = net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
+            active = bool(net.isActive())
+            live = net.XMLDesc(0) if active else None
+            autostart = bool(net.autostart()) if net.isPersistent() else False
+            bridge = net.bridgeName() if active else None
+        return NetworkInfo(name=name, owner=owner_of(definition), active=active, autostart=autostart,
+                           digest=digest_of(definition), live_digest=digest_of(live) if live else None,
+                           definition=definition, bridge=bridge)
+
+    def define_network(self, xml: str) -> None:
         with self._call("defining the DMZ network"):
-            return self.conn.networkDefineXML(xml)
+            self.conn.networkDefineXML(xml)
 
-    def start_network(self, net) -> None:
-        with self._call(f"starting network {net.name()}"):
+    def start_network(self, name: str) -> None:
+        """Start it (if not active) and mark it autostart."""
+        net = self._must_network(name)
+        with self._call(f"starting network {name}"):
             if not net.isActive():
                 net.create()
             net.setAutostart(1)
 
-    def network_active(self, net) -> bool:
-        with self._call(f"reading network {net.name()}"):
-            return bool(net.isActive())
-
-    def network_autostart(self, net) -> bool:
-        with self._call(f"reading network {net.name()}"):
-            return bool(net.autostart())
-
-    def stop_network(self, net) -> None:
-        with self._call(f"stopping network {net.name()}"):
+    def stop_network(self, name: str) -> None:
+        net = self._network(name)
+        if net is None:
+            return
+        with self._call(f"stopping network {name}"):
             if net.isActive():
                 net.destroy()
 
-    def remove_network(self, net) -> None:
-        with self._call(f"removing network {net.name()}"):
+    def remove_network(self, name: str) -> None:
+        net = self._network(name)
+        if net is None:
+            return
+        with self._call(f"removing network {name}"):
             if net.isActive():
                 net.destroy()
             if net.isPersistent():
@@ -216,22 +245,17 @@ class Virt:
                 continue
         return None
 
-    def dhcp_leases(self, net) -> list[dict]:
+    def dhcp_leases(self, name: str) -> list[dict]:
+        net = self._network(name)
         try:
-            return net.DHCPLeases()
+            return net.DHCPLeases() if net is not None and net.isActive() else []
         except libvirt.libvirtError:
-            return []
+            return []  # leases are a courtesy in status, never a decision
 
     # --- nwfilters --------------------------------------------------------
 
     def nwfilter_exists(self, name: str) -> bool:
-        try:
-            self.conn.nwfilterLookupByName(name)
-            return True
-        except libvirt.libvirtError as error:
-            if error.get_error_code() == libvirt.VIR_ERR_NO_NWFILTER:
-                return False
-            raise HostError(f"looking up nwfilter {name}: {describe(error)}") from None
+        return self.nwfilter_xml(name) is not None
 
     def nwfilter_xml(self, name: str) -> Optional[str]:
         try:
@@ -259,7 +283,7 @@ class Virt:
 
     # --- domains ----------------------------------------------------------
 
-    def domain(self, name: str):
+    def _domain(self, name: str):
         try:
             return self.conn.lookupByName(name)
         except libvirt.libvirtError as error:
@@ -267,13 +291,8 @@ class Virt:
                 return None
             raise HostError(f"looking up domain {name}: {describe(error)}") from None
 
-    def domain_xml(self, dom, inactive: bool = True) -> str:
-        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
-        with self._call(f"reading domain {dom.name()}"):
-            return dom.XMLDesc(flags)
-
     def domain_info(self, name: str) -> Optional[DomainInfo]:
-        dom = self.domain(name)
+        dom = self._domain(name)
         if dom is None:
             return None
         with self._call(f"reading domain {name}"):
@@ -285,7 +304,15 @@ class Virt:
             live_digest = digest_of(dom.XMLDesc(0)) if running else None
         return DomainInfo(name=name, state=state_name(state), running=running, owner=owner_of(xml),
                           digest=digest_of(xml), live_digest=live_digest, autostart=autostart,
-                          started_at=self._started_at(name) if running else None)
+                          started_at=self._started_at(name) if running else None, definition=xml)
+
+    def live_domain_owner(self, name: str) -> Optional[str]:
+        """The DMZ the running (or defined) domain's XML names; None when absent or not dmzctl's."""
+        dom = self._domain(name)
+        if dom is None:
+            return None
+        with self._call(f"reading domain {name}"):
+            return owner_of(dom.XMLDesc(0))
 
     @staticmethod
     def _started_at(name: str) -> Optional[float]:
@@ -295,48 +322,62 @@ class Virt:
         except OSError:
             return None
 
-    def define_domain(self, xml: str):
+    def define_domain(self, xml: str) -> None:
         name = etree.fromstring(xml.encode()).findtext("name")
         with self._call(f"defining domain {name}"):
-            return self.conn.defineXML(xml)
+            self.conn.defineXML(xml)
 
-    def domain_autostart(self, dom) -> bool:
-        with self._call(f"reading domain {dom.name()}"):
-            return bool(dom.autostart())
-
-    def set_autostart(self, dom, enabled: bool) -> None:
-        with self._call(f"setting autostart of {dom.name()}"):
+    def set_autostart(self, name: str, enabled: bool) -> None:
+        dom = self._must_domain(name)
+        with self._call(f"setting autostart of {name}"):
             dom.setAutostart(1 if enabled else 0)
 
-    def is_running(self, dom) -> bool:
-        with self._call(f"reading domain {dom.name()}"):
+    def _must_domain(self, name: str):
+        dom = self._domain(name)
+        if dom is None:
+            raise HostError(f"domain {name} is gone")
+        return dom
+
+    def is_running(self, name: str) -> bool:
+        dom = self._must_domain(name)
+        with self._call(f"reading domain {name}"):
             return bool(dom.isActive())
 
-    def start_domain(self, dom, timeout: float = 120.0) -> None:
+    def start_domain(self, name: str, timeout: float = 120.0) -> None:
         """Start and return once libvirt reports it running."""
-        with self._call(f"starting domain {dom.name()}"):
+        dom = self._must_domain(name)
+        with self._call(f"starting domain {name}"):
             dom.create()
         if not self.wait_for(lambda: self._state(dom) == libvirt.VIR_DOMAIN_RUNNING, timeout):
-            raise HostError(f"domain {dom.name()} did not reach 'running' within {timeout:.0f} s")
+            raise HostError(f"domain {name} did not reach 'running' within {timeout:.0f} s")
 
-    def shutdown_domain(self, dom) -> None:
+    def shutdown_domain(self, name: str) -> None:
         """Ask the guest to power off (ACPI power button)."""
+        dom = self._domain(name)
+        if dom is None:
+            return
         try:
             dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
         except libvirt.libvirtError as error:
             if error.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
                 return  # already off
-            raise HostError(f"shutting down {dom.name()}: {describe(error)}") from None
+            raise HostError(f"shutting down {name}: {describe(error)}") from None
 
-    def destroy_domain(self, dom) -> None:
+    def destroy_domain(self, name: str) -> None:
+        dom = self._domain(name)
+        if dom is None:
+            return
         try:
             dom.destroy()
         except libvirt.libvirtError as error:
             if error.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # not running
-                raise HostError(f"destroying {dom.name()}: {describe(error)}") from None
+                raise HostError(f"destroying {name}: {describe(error)}") from None
 
-    def undefine_domain(self, dom) -> None:
-        with self._call(f"undefining {dom.name()}"):
+    def undefine_domain(self, name: str) -> None:
+        dom = self._domain(name)
+        if dom is None:
+            return
+        with self._call(f"undefining {name}"):
             if dom.isPersistent():
                 dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if hasattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM") else 0)
 
@@ -350,8 +391,9 @@ class Virt:
                 return libvirt.VIR_DOMAIN_SHUTOFF
             raise HostError(f"reading the state of domain {dom.name()}: {describe(error)}") from None
 
-    def is_off(self, dom) -> bool:
-        return self._state(dom) in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED)
+    def is_off(self, name: str) -> bool:
+        dom = self._domain(name)
+        return dom is None or self._state(dom) in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float,
                  tick: Optional[Callable[[float], None]] = None) -> bool:
@@ -368,20 +410,23 @@ class Virt:
                     tick(remaining)
                 self._state_changed.wait(min(remaining, 0.5))
 
+    def domains_of(self, dmz_name: str) -> list[str]:
+        """Every domain on the host whose metadata says it belongs to this DMZ."""
+        names = []
+        with self._call("listing domains"):
+            domains = self.conn.listAllDomains()
+        for dom in domains:
+            try:
+                xml = dom.XMLDesc(0)
+            except libvirt.libvirtError:
+                continue  # gone meanwhile
+            if owner_of(xml) == dmz_name:
+                names.append(dom.name())
+        return sorted(names)
+
 
 def domains_of(virt: Virt, dmz_name: str) -> list[str]:
-    """Every domain on the host whose metadata says it belongs to this DMZ."""
-    names = []
-    with virt._call("listing domains"):
-        domains = virt.conn.listAllDomains()
-    for dom in domains:
-        try:
-            xml = dom.XMLDesc(0)
-        except libvirt.libvirtError:
-            continue
-        if owner_of(xml) == dmz_name:
-            names.append(dom.name())
-    return sorted(names)
+    return virt.domains_of(dmz_name)
 
 
 def check_owned(kind: str, name: str, owner: Optional[str], dmz_name: str) -> None:

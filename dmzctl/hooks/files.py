@@ -1,31 +1,28 @@
-"""`dmzctl install`: boot integration (systemd units) and libvirt hooks, and their removal.
+"""dmzctl's libvirt hook files on disk: render, install, check and remove them, beside the admin's.
 
-Units are installed only where systemd runs the machine (/run/systemd/system),
-unless asked for explicitly. Hooks go to /etc/libvirt/hooks/{qemu,network}.d/dmzctl,
-beside any hook the admin has; libvirtd reads hooks only when it starts.
-Every file written names the interpreter / dmzctl binary that runs this command.
+libvirt >= 6.5 runs every executable in <hooks>/<driver>.d/ (after the legacy single
+<hooks>/<driver> script); libvirtd looks for hooks when it starts or reloads (SIGHUP).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import HostError
-from .hooks import MARKER, script
+from . import MARKER, script
 
-HOOKS_DIR = Path("/etc/libvirt/hooks")
-UNIT_DIR = Path("/etc/systemd/system")
-SYSTEMD_RUN = Path("/run/systemd/system")
-UNITS = ("dmzctl.service", "dmzctl-guard.service")
 HOOKS = ("qemu", "network")
 DAEMONS = ("libvirtd", "virtqemud", "virtnetworkd")
+HOOKS_DIR = Path("/etc/libvirt/hooks")  # libvirt's; Settings.hooks_dir may point elsewhere (tests)
+SYSTEMD_RUN = Path("/run/systemd/system")
+
+
+def systemd_running() -> bool:
+    return SYSTEMD_RUN.is_dir()
 
 
 @dataclass
@@ -34,38 +31,6 @@ class Report:
 
     def did(self, line: str) -> None:
         self.lines.append(line)
-
-
-def dmzctl_binary() -> list[str]:
-    """The command that runs this dmzctl: its script when started as `dmzctl`, else `python -m dmzctl.cli`."""
-    argv0 = Path(sys.argv[0])
-    if argv0.name == "dmzctl":
-        found = argv0 if "/" in sys.argv[0] else Path(shutil.which(sys.argv[0]) or argv0)
-        return [str(found.absolute())]
-    beside = Path(sys.executable).parent / "dmzctl"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return [str(beside)]
-    return [sys.executable, "-m", "dmzctl.cli"]
-
-
-def unit_source_dir() -> Path:
-    in_tree = Path(__file__).resolve().parents[1] / "systemd"
-    if in_tree.is_dir():
-        return in_tree
-    return Path("/usr/share/dmzctl/systemd")
-
-
-def systemd_running() -> bool:
-    return SYSTEMD_RUN.is_dir()
-
-
-def render_unit(name: str, binary: list[str]) -> str:
-    source = unit_source_dir() / name
-    try:
-        text = source.read_text()
-    except OSError as error:
-        raise HostError(f"cannot read the unit template {source}: {error.strerror}") from None
-    return text.replace("@DMZCTL@", " ".join(binary))
 
 
 def render_hook(kind: str, interpreter: str) -> str:
@@ -105,23 +70,16 @@ def running_daemons() -> dict[str, list[int]]:
     return {name: sorted(pids) for name, pids in sorted(found.items())}
 
 
-def hooks_dir() -> Path:
-    """Where libvirt looks for hooks; tests point $DMZCTL_HOOKS_DIR elsewhere."""
-    return Path(os.environ.get("DMZCTL_HOOKS_DIR") or HOOKS_DIR)
-
-
-def missing_hooks(directory: Optional[Path] = None) -> list[str]:
+def missing_hooks(directory: Path) -> list[str]:
     """The hook files that are absent or not dmzctl's: a dmzctl VM started from virsh or
     virt-manager without its table is then not refused."""
-    directory = directory or hooks_dir()
     return [str(directory / f"{kind}.d" / "dmzctl") for kind in HOOKS
             if not _ours(directory / f"{kind}.d" / "dmzctl")]
 
 
-def ensure_hooks(directory: Optional[Path] = None) -> list[str]:
+def ensure_hooks(directory: Path) -> list[str]:
     """Install the hooks when missing or outdated, and make libvirtd read them (SIGHUP): it
     looks for hooks only at its start or reload. Returns what changed, one line each."""
-    directory = directory or hooks_dir()
     report = Report()
     if not install_hooks(report, directory):
         return []
@@ -212,69 +170,3 @@ def restart_note(report: Report) -> None:
                    f"restart it for the hooks to take effect ({how})")
 
 
-def install_units(report: Report, unit_dir: Path = UNIT_DIR, forced: bool = False) -> bool:
-    if not systemd_running() and not forced:
-        report.did(f"systemd: skipped: systemd does not run this machine ({SYSTEMD_RUN} is absent); "
-                   f"the units are in {unit_source_dir()} (dmzctl install --systemd installs them anyway)")
-        return False
-    binary = dmzctl_binary()
-    changed = False
-    for name in UNITS:
-        target = unit_dir / name
-        if _write(target, render_unit(name, binary), 0o644):
-            changed = True
-            report.did(f"systemd: installed {target} (runs {' '.join(binary)})")
-        else:
-            report.did(f"systemd: {target} already installed")
-    if systemd_running() and shutil.which("systemctl"):
-        _systemctl(report, "daemon-reload")
-        _systemctl(report, "enable", *UNITS)
-        report.did("systemd: enabled dmzctl.service and dmzctl-guard.service: they start at the next boot; "
-                   "now: systemctl start dmzctl dmzctl-guard")
-    else:
-        report.did("systemd: not enabled: systemd is not running here")
-    return changed
-
-
-def uninstall_units(report: Report, unit_dir: Path = UNIT_DIR) -> bool:
-    present = [name for name in UNITS if (unit_dir / name).exists()]
-    if present and systemd_running() and shutil.which("systemctl"):
-        _systemctl(report, "disable", *present)
-    changed = False
-    for name in present:
-        (unit_dir / name).unlink()
-        changed = True
-        report.did(f"systemd: removed {unit_dir / name}")
-    if changed and systemd_running() and shutil.which("systemctl"):
-        _systemctl(report, "daemon-reload")
-    return changed
-
-
-def _systemctl(report: Report, *args: str) -> None:
-    result = subprocess.run(["systemctl", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise HostError(f"systemctl {' '.join(args)} failed: {result.stderr.strip()}")
-    report.did(f"systemd: systemctl {' '.join(args)}")
-
-
-def install(systemd: Optional[bool], hooks: bool, hooks_dir: Path = HOOKS_DIR, unit_dir: Path = UNIT_DIR,
-            remove: bool = False) -> Report:
-    """systemd: None = when systemd runs the machine, True = always, False = never."""
-    report = Report()
-    if systemd is not False:
-        if remove:
-            uninstall_units(report, unit_dir)
-        else:
-            install_units(report, unit_dir, forced=bool(systemd))
-    else:
-        report.did("systemd: skipped (--no-systemd)")
-    if hooks:
-        if remove:
-            if uninstall_hooks(report, hooks_dir):
-                report.did("hooks: libvirtd stops running them at once (it re-reads the .d directories "
-                           "at every call): no restart needed")
-        elif install_hooks(report, hooks_dir):
-            restart_note(report)
-    else:
-        report.did("hooks: skipped (--no-hooks)")
-    return report

@@ -23,25 +23,24 @@ holds the DMZ's lock and checks after it.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import queue
 import re
-import shutil
 import signal
-import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import events
-from .config import DMZ, default_config_paths, load_dmz
-from .errors import DmzctlError, HostError
-from .host import facts, nft
-from .implicit import HostView, blocks_for
-from .render.nft import FAMILY, apply_batch, table_name
+from .. import events
+from ..config import DMZ, default_config_paths, load_dmz
+from ..errors import DmzctlError
+from ..host import facts, monitor, nft
+from ..host.lock import held_down_marker, try_lock
+from ..implicit import HostView, blocks_for
+from ..render.nft import FAMILY, apply_batch, table_name
+from ..settings import Settings
+from ..state import TableState, table_drift
 
 Say = Callable[[str], None]
 GENERATION_RE = re.compile(r"^# new generation (\d+) by process (\d+) \((.*)\)")
@@ -104,10 +103,11 @@ class Pending:
 
 
 class Guard:
-    def __init__(self, paths: Optional[list[Path]], uri: Optional[str], say: Say, interval: float = 60.0,
+    def __init__(self, paths: Optional[list[Path]], settings: Settings, say: Say, interval: float = 60.0,
                  use_libvirt: bool = True):
         self.explicit = list(paths) if paths else None
-        self.uri = uri
+        self.settings = settings
+        self.uri = settings.uri
         self.say = say
         self.interval = interval
         self.use_libvirt = use_libvirt
@@ -116,17 +116,16 @@ class Guard:
         self.events: queue.Queue = queue.Queue()
         self.stopping = False
         self.reload_requested = False
-        self.monitor: Optional[subprocess.Popen] = None
-        self.monitor_ready = threading.Event()
+        self.monitor: Optional[monitor.LineStream] = None
+        self.monitor_ready = False
         self.ready_table = f"dmzctl_guard_ready_{os.getpid()}"
         self.pending = Pending()
         self.due: dict[str, tuple[float, str]] = {}  # DMZ name -> (when, why)
-        self.virt = None
-        self.virt_callbacks: list[tuple[str, int]] = []
+        self.libvirt: Optional[monitor.LibvirtEvents] = None
         self.next_connect = 0.0
         self.restores = 0
         self.view = HostView()
-        self.addresses: Optional[subprocess.Popen] = None
+        self.addresses: Optional[monitor.LineStream] = None
         self.view_due: Optional[float] = None  # when to read the host view again
 
     # --- configs ----------------------------------------------------------
@@ -153,40 +152,22 @@ class Guard:
     # --- nft monitor ------------------------------------------------------
 
     def start_monitor(self) -> None:
-        binary = shutil.which("nft")
-        if binary is None:
-            raise HostError("nft (nftables) is needed for the guard's monitor")
-        self.monitor_ready.clear()
-        self.monitor = subprocess.Popen([binary, "monitor"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                        stdin=subprocess.DEVNULL, text=True, bufsize=1)
-        process = self.monitor
-
-        def read():
-            for line in process.stdout:
-                self.events.put(("nft", line.rstrip("\n")))
-            self.events.put(("nft-exit", process.wait()))
-
-        threading.Thread(target=read, name="nft-monitor", daemon=True).start()
+        self.monitor_ready = False
+        self.monitor = monitor.nft_monitor(self.events)
         # Prove the monitor listens before relying on it: one transaction that adds and
         # deletes a scratch table (nothing stays) shows up once the monitor is subscribed.
         deadline = time.monotonic() + 5
-        while not self.monitor_ready.is_set() and time.monotonic() < deadline:
+        while not self.monitor_ready and time.monotonic() < deadline:
             spec = {"table": {"family": FAMILY, "name": self.ready_table}}
             nft.apply({"nftables": [{"add": spec}, {"delete": spec}]})
             self.drain(until=time.monotonic() + 0.1, wait_ready=True)
-        if not self.monitor_ready.is_set():
-            raise HostError("nft monitor did not report changes within 5 s")
+        if not self.monitor_ready:
+            raise DmzctlError("nft monitor did not report changes within 5 s")
 
     def stop_monitor(self) -> None:
-        process, self.monitor = self.monitor, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=3)
+        stream, self.monitor = self.monitor, None
+        if stream is not None:
+            stream.stop()
 
     def on_nft_line(self, line: str) -> None:
         match = GENERATION_RE.match(line)
@@ -205,7 +186,7 @@ class Guard:
             return
         table = tokens[family_at + 1]
         if table == self.ready_table:
-            self.monitor_ready.set()
+            self.monitor_ready = True
         if tokens[family_at] != FAMILY:
             return
         name = self.by_table(table)
@@ -236,29 +217,12 @@ class Guard:
             self.check_all(f"host networks changed ({why})")
 
     def start_address_monitor(self) -> None:
-        binary = shutil.which("ip")
-        if binary is None:
-            raise HostError("ip (iproute2) is needed for the guard's address monitor")
-        self.addresses = subprocess.Popen([binary, "-o", "monitor", "address"], stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-                                          bufsize=1)
-        process = self.addresses
-
-        def read():
-            for line in process.stdout:
-                self.events.put(("address", line.strip()))
-
-        threading.Thread(target=read, name="ip-monitor", daemon=True).start()
+        self.addresses = monitor.address_monitor(self.events)
 
     def stop_address_monitor(self) -> None:
-        process, self.addresses = self.addresses, None
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=3)
+        stream, self.addresses = self.addresses, None
+        if stream is not None:
+            stream.stop()
 
     def view_changed_soon(self, why: str) -> None:
         # Addresses come in bursts (an interface up brings several): read once, shortly after.
@@ -269,79 +233,30 @@ class Guard:
     # --- libvirt ----------------------------------------------------------
 
     def connect_libvirt(self) -> None:
-        if not self.use_libvirt or self.virt is not None or time.monotonic() < self.next_connect:
+        if not self.use_libvirt or self.libvirt is not None or time.monotonic() < self.next_connect:
             return
         self.next_connect = time.monotonic() + 5
         try:
-            from .host.virt import Virt, libvirt
-
-            class EventVirt(Virt):
-                # libvirt tracks one domain lifecycle callback per connection: Virt's own
-                # (which wakes its waiters) is extended rather than a second registered.
-                def _on_lifecycle(inner, conn, dom, event, detail, opaque):
-                    super()._on_lifecycle(conn, dom, event, detail, opaque)
-                    self.events.put(("domain", dom.name(), event))
-
-            virt = EventVirt(self.uri)
+            self.libvirt = monitor.LibvirtEvents(self.uri, self.events)
         except DmzctlError as error:
             self.say(f"guard: libvirt events unavailable for now ({error}); retrying every 5 s")
             return
-        conn = virt.conn
-        try:
-            self.virt_callbacks = [
-                ("network", conn.networkEventRegisterAny(
-                    None, libvirt.VIR_NETWORK_EVENT_ID_LIFECYCLE,
-                    lambda _c, net, event, _d, _o: self.events.put(("network", net.name(), event)), None)),
-            ]
-            conn.registerCloseCallback(lambda _c, reason, _o: self.events.put(("libvirt-closed", reason)), None)
-        except libvirt.libvirtError as error:
-            self.say(f"guard: libvirt events unavailable for now ({error}); retrying every 5 s")
-            self.virt = virt
-            self.drop_libvirt()
-            return
-        self.virt = virt
-        self.say(f"guard: listening to libvirt events ({virt.uri})")
+        self.say(f"guard: listening to libvirt events ({self.libvirt.uri})")
 
     def drop_libvirt(self) -> None:
-        virt, self.virt = self.virt, None
-        if virt is None:
-            return
-        try:
-            from .host.virt import libvirt
+        stream, self.libvirt = self.libvirt, None
+        if stream is not None:
+            stream.close()
 
-            for kind, callback in self.virt_callbacks:
-                try:
-                    if kind == "network":
-                        virt.conn.networkEventDeregisterAny(callback)
-                    else:
-                        virt.conn.domainEventDeregisterAny(callback)
-                except libvirt.libvirtError:
-                    pass  # the connection is gone already
-            try:
-                virt.conn.unregisterCloseCallback()
-            except libvirt.libvirtError:
-                pass
-        finally:
-            self.virt_callbacks = []
-            virt.close()
-
-    def on_network(self, name: str, event: int) -> None:
-        from .host.virt import libvirt
-
-        if event == libvirt.VIR_NETWORK_EVENT_STARTED and name in self.targets:
+    def on_network(self, name: str, event: str) -> None:
+        if event == "started" and name in self.targets:
             self.schedule(name, f"network {name} started")
         self.view_changed_soon(f"libvirt network {name}")
 
-    def on_domain(self, name: str, event: int) -> None:
-        from .host.virt import libvirt, owner_of
-
-        if event not in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED) or self.virt is None:
+    def on_domain(self, name: str, event: str) -> None:
+        if event not in ("started", "resumed") or self.libvirt is None:
             return
-        try:
-            dom = self.virt.domain(name)
-            owner = owner_of(self.virt.domain_xml(dom, inactive=False)) if dom is not None else None
-        except DmzctlError:
-            return
+        owner = self.libvirt.owner_of_running(name)
         if owner in self.targets:
             self.schedule(owner, f"VM {name} started")
 
@@ -355,8 +270,6 @@ class Guard:
 
     def check(self, name: str, why: str) -> bool:
         """False when a dmzctl run holds the DMZ: check again after it."""
-        from .lifecycle import LOCK_DIR, held_down_marker
-
         target = self.targets.get(name)
         if target is None:
             return True
@@ -364,35 +277,37 @@ class Guard:
         dmz = target.dmz
         if not Path(f"/sys/class/net/{dmz.bridge}").exists():
             return True  # the DMZ is not up: nothing to guard
-        if held_down_marker(name).exists():
+        if held_down_marker(self.settings.run_dir, name).exists():
             return True  # `dmzctl firewall down` took it away on purpose
-        LOCK_DIR.mkdir(parents=True, exist_ok=True)
-        fd = os.open(LOCK_DIR / f"{name}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = try_lock(self.settings.run_dir, name)
+        if fd is None:
+            return False
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            began = time.monotonic()
-            live = nft.canonical(nft.list_table(target.table))
-            if live == target.want:
-                return True
-            state = "missing" if live is None else "altered"
-            try:
-                nft.apply(target.batch)
-            except DmzctlError as error:
-                message = f"dmz={name} guard could not restore firewall table {target.table} ({state}; {why}): {error}"
-                self.say(f"guard: {message}")
-                events.record(message)
-                return True
-            ms = (time.monotonic() - began) * 1000
-            self.restores += 1
-            message = f"dmz={name} guard restored firewall table {target.table} ({state}; {why}) in {ms:.0f} ms"
-            self.say(f"guard: {message}")
-            events.record(message)
+            self.restore_if_drifted(target, why)
             return True
         finally:
             os.close(fd)
+
+    def restore_if_drifted(self, target: Target, why: str) -> None:
+        """Acts on the table's differences (state.py), as check --fix would: the whole table again."""
+        began = time.monotonic()
+        table = TableState(nft.canonical(nft.list_table(target.table)), target.want)
+        if table.in_sync:
+            return
+        state = "missing" if not table.exists else table_drift(table.live, table.want)[0][2].removeprefix("firewall ")
+        try:
+            nft.apply(target.batch)
+        except DmzctlError as error:
+            message = (f"dmz={target.dmz.name} guard could not restore firewall table {target.table} "
+                       f"({state}; {why}): {error}")
+            self.say(f"guard: {message}")
+            events.record(self.settings.event_log, message)
+            return
+        ms = (time.monotonic() - began) * 1000
+        self.restores += 1
+        message = f"dmz={target.dmz.name} guard restored firewall table {target.table} ({state}; {why}) in {ms:.0f} ms"
+        self.say(f"guard: {message}")
+        events.record(self.settings.event_log, message)
 
     def run_due(self) -> None:
         now = time.monotonic()
@@ -431,7 +346,7 @@ class Guard:
                 item = None
             if item is not None:
                 self.handle(item)
-            if wait_ready and self.monitor_ready.is_set():
+            if wait_ready and self.monitor_ready:
                 return
             if self.pending.first and time.monotonic() - self.pending.since >= BATCH_TIMEOUT:
                 pending, self.pending = self.pending, Pending()
@@ -454,6 +369,9 @@ class Guard:
                 self.check_all("nft monitor restarted")
         elif kind == "network":
             self.on_network(item[1], item[2])
+        elif kind == "address-exit":
+            if not self.stopping:
+                self.say("guard: ip monitor exited; the periodic re-check still reads the host's networks")
         elif kind == "address":
             self.view_changed_soon(f"address change: {_short(item[1])}")
         elif kind == "domain":
@@ -482,8 +400,8 @@ class Guard:
             self.run_due()
             names = ", ".join(sorted(self.targets)) or "none"
             self.say(f"guard: watching {len(self.targets)} DMZ(s) ({names}): nft monitor, "
-                     f"{'libvirt events, ' if self.virt is not None else ''}re-check every {self.interval:.0f} s")
-            events.record(f"guard started (pid {os.getpid()}), watching {names}")
+                     f"{'libvirt events, ' if self.libvirt is not None else ''}re-check every {self.interval:.0f} s")
+            events.record(self.settings.event_log, f"guard started (pid {os.getpid()}), watching {names}")
             next_sweep = time.monotonic() + self.interval
             while not self.stopping:
                 self.drain(until=min(next_sweep, time.monotonic() + 1.0))
@@ -493,12 +411,12 @@ class Guard:
                     self.load_targets()
                     self.check_all("periodic re-check")
                     next_sweep = time.monotonic() + self.interval
-                if self.virt is None:
+                if self.libvirt is None:
                     self.connect_libvirt()
-                    if self.virt is not None:
+                    if self.libvirt is not None:
                         self.check_all("libvirt reconnected")
             self.say(f"guard: stopping ({self.restores} restore(s))")
-            events.record(f"guard stopped (pid {os.getpid()}), {self.restores} restore(s)")
+            events.record(self.settings.event_log, f"guard stopped (pid {os.getpid()}), {self.restores} restore(s)")
             return 0
         finally:
             self.stop_monitor()

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import events
-from .config import DMZ, default_config_paths, load_all
-from .errors import ConfigError, DmzctlError, HostError
+from .. import events
+from ..config import DMZ, default_config_paths, load_all
+from ..errors import ConfigError, DmzctlError, HostError
+from ..host.lock import dmz_lock
+from ..settings import Settings
 
 Say = Callable[[str], None]
 
@@ -35,7 +37,7 @@ def load_each(paths: list[Path], say: Say) -> tuple[list[DMZ], list[str]]:
 
 
 def connect(uri: str, wait: float, say: Say):
-    from .host.virt import Virt
+    from ..host.virt import Virt
 
     deadline = time.monotonic() + wait
     told = False
@@ -51,7 +53,7 @@ def connect(uri: str, wait: float, say: Say):
             time.sleep(1)
 
 
-def boot(paths: Optional[list[Path]], uri: str, stop: bool, say: Say, wait: float = 120.0) -> int:
+def boot(paths: Optional[list[Path]], settings: Settings, stop: bool, say: Say, wait: float = 120.0) -> int:
     from . import lifecycle
 
     paths = list(paths) if paths else default_config_paths()
@@ -60,22 +62,21 @@ def boot(paths: Optional[list[Path]], uri: str, stop: bool, say: Say, wait: floa
         return 0
     dmzs, failed = load_each(paths, say)
     verb = "down" if stop else "up"
-    events.record(f"boot: {verb} for {len(dmzs)} DMZ(s): {', '.join(d.name for d in dmzs) or 'none'}")
-    with connect(uri, wait, say) as virt:
+    events.record(settings.event_log, f"boot: {verb} for {len(dmzs)} DMZ(s): "
+                                      f"{', '.join(d.name for d in dmzs) or 'none'}")
+    with connect(settings.uri, wait, say) as virt:
         for dmz in dmzs:
             try:
-                with lifecycle.dmz_lock(dmz.name, say=say):
+                with dmz_lock(settings.run_dir, dmz.name, say=say):
                     if stop:
-                        outcome = lifecycle.down(virt, dmz, say=say)
+                        outcome = lifecycle.down(virt, dmz, settings, say=say)
                     else:
-                        outcome = lifecycle.up(virt, dmz, say=say)
-                for pending in outcome.pending:
-                    say(f"{dmz.name}: PENDING: {pending}")
-                if not outcome.changed:
-                    say(f"{dmz.name}: {verb}: nothing to change")
+                        outcome = lifecycle.up(virt, dmz, settings, say=say)
+                for line in lifecycle.summary_lines(outcome, verb):
+                    say(line)
             except DmzctlError as error:
                 say(f"boot: {dmz.name}: {verb} failed: {error}")
-                events.record(f"boot: dmz={dmz.name} {verb} failed: {error}")
+                events.record(settings.event_log, f"boot: dmz={dmz.name} {verb} failed: {error}")
                 failed.append(dmz.name)
     if failed:
         say(f"boot: {verb} failed for {len(failed)}: {', '.join(failed)}")

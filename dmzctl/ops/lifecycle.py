@@ -1,0 +1,514 @@
+"""Bringing a DMZ up and down through libvirt and nftables, fail closed.
+
+Order in `up`: checks (nothing changed yet) -> hooks -> network -> nwfilters -> nft
+table -> the other DMZs' tables -> VMs. VMs start only when the network is active and
+the table is in place. Whatever one run created is undone, newest first, when a later
+step fails. What to do to each object comes from ops/decide.py, on the state observed
+once at the start (state.py): `plan` shows the very same decisions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .. import events
+from ..config import DMZ, VM, load_dmz
+from ..desired import DesiredDMZ, build
+from ..errors import DmzctlError, HostError, LockedError
+from ..host import facts, images, nft
+from ..host.lock import SHARED_FILTERS, dmz_lock, held_down_marker
+from ..host.virt import Virt, check_owned
+from ..implicit import blocks_for
+from ..render.base import to_string
+from ..render.domain import HostFacts
+from ..render.nft import apply_batch, delete_batch, render_table, table_name
+from ..settings import Settings
+from ..state import Observed, Snapshot, TableState, observe_table, snapshot
+from ..hooks import files as hook_files
+from .decide import decide_domain, decide_firewall_action, decide_network, decide_nwfilters
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Outcome:
+    """What one command did to one DMZ, for the CLI to print."""
+
+    dmz: str
+    say: Optional[Say] = None  # told of each change as it happens
+    changes: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+
+    def change(self, what: str) -> None:
+        self.changes.append(what)
+        if self.say is not None:
+            self.say(f"{self.dmz}: {what}")
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    def to_dict(self) -> dict:
+        return {"dmz": self.dmz, "changed": self.changed, "changes": self.changes, "pending": self.pending}
+
+
+class Undo:
+    """Steps to reverse what this run created, run newest first on failure."""
+
+    def __init__(self, say: Say):
+        self.steps: list[tuple[str, Callable[[], None]]] = []
+        self.say = say
+
+    def add(self, what: str, step: Callable[[], None]) -> None:
+        self.steps.append((what, step))
+
+    def run(self) -> None:
+        for what, step in reversed(self.steps):
+            try:
+                step()
+                self.say(f"  undone: {what}")
+            except Exception as error:  # keep undoing the rest; say what could not be undone
+                self.say(f"  could not undo {what}: {error}")
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise HostError("must run as root: nftables and libvirt's system instance need it")
+
+
+def host_facts(virt: Virt, settings: Settings) -> HostFacts:
+    """What rendering needs from the host; never anything read from a disk image (see images.py)."""
+    return HostFacts(kvm_usable=virt.kvm_usable(), virt_type_override=settings.virt_type)
+
+
+def desired_state(virt: Virt, dmz: DMZ, settings: Settings) -> DesiredDMZ:
+    """The DMZ as `up` would make it on this host now: with the host's facts and networks."""
+    return build(dmz, host_facts(virt, settings), facts.host_view())
+
+
+def table_only(dmz: DMZ) -> DesiredDMZ:
+    """The table alone, with the host's networks as they are now."""
+    view = facts.host_view()
+    blocks = blocks_for(dmz, view)
+    return DesiredDMZ(dmz=dmz, network=None, nwfilters={}, table=table_name(dmz), nft=render_table(dmz, blocks),
+                      domains={}, blocks=blocks, view=view)
+
+
+def selected_vms(dmz: DMZ, only: Optional[list[str]]) -> list[str]:
+    names = [vm.name for vm in dmz.vms]
+    if not only:
+        return names
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise DmzctlError(f"DMZ {dmz.name} has no VM named {', '.join(unknown)}; "
+                          f"its VMs: {', '.join(names) or 'none'}")
+    return list(only)
+
+
+def preflight(virt: Virt, snap: Snapshot, vm_names: list[str]) -> None:
+    """Every check `up` needs, before it changes anything."""
+    dmz, observed = snap.desired.dmz, snap.observed
+    require_root()
+    nft.binding_available()
+    if observed.network is not None:
+        check_owned("network", dmz.name, observed.network.owner, dmz.name)
+    other = virt.network_of_bridge(dmz.bridge)
+    if other is not None and other != dmz.name:
+        raise HostError(f"bridge {dmz.bridge} belongs to libvirt network {other!r}; set dmz.bridge to a free name")
+    if other is None and Path(f"/sys/class/net/{dmz.bridge}").exists():
+        raise HostError(f"interface {dmz.bridge} already exists and is not a dmzctl network's bridge; "
+                        f"set dmz.bridge to a free name")
+    for name, info in observed.domains.items():
+        if info is not None:
+            check_owned("domain", name, info.owner, dmz.name)
+    missing = [f"vm[{vm.name}].{label} {path}" for vm in dmz.vms if vm.name in vm_names
+               for label, path in _files_of(vm) if path is not None and not path.exists()]
+    if missing:
+        raise HostError("missing file(s): " + "; ".join(missing))
+    images.check_disks(dmz, vm_names)
+
+
+def _files_of(vm: VM) -> list[tuple[str, Optional[Path]]]:
+    layers = [("disk", image.path) for disk in vm.disks for image in disk.chain]
+    return layers + [("cdrom", vm.cdrom), ("kernel", vm.kernel), ("initrd", vm.initrd)]
+
+
+def inspect_for_up(virt: Virt, dmz: DMZ, settings: Settings,
+                   only: Optional[list[str]] = None) -> tuple[Snapshot, list[str]]:
+    """The state `up` (and `plan`) decide on, after every check that changes nothing."""
+    vm_names = selected_vms(dmz, only)
+    snap = snapshot(virt, desired_state(virt, dmz, settings), settings.hooks_dir)
+    preflight(virt, snap, vm_names)
+    return snap, vm_names
+
+
+BRIDGE_NETFILTER = {4: Path("/proc/sys/net/bridge/bridge-nf-call-iptables"),
+                    6: Path("/proc/sys/net/bridge/bridge-nf-call-ip6tables")}
+
+
+def bridge_netfilter_warnings(dmz: DMZ) -> list[str]:
+    """The nwfilter block of protected subnets is iptables-layer: it needs br_netfilter."""
+    families = [4] + ([6] if dmz.gateway6 is not None else [])
+    off = []
+    for family in families:
+        try:
+            enabled = BRIDGE_NETFILTER[family].read_text().strip() == "1"
+        except OSError:
+            enabled = False
+        if not enabled:
+            off.append(BRIDGE_NETFILTER[family].name)
+    if not off:
+        return []
+    return [f"{' and '.join(off)} is off (br_netfilter): the per-VM nwfilter block of the protected subnets "
+            f"cannot see bridged traffic, only the nftables table protects them; enable it with "
+            f"'modprobe br_netfilter' and 'sysctl net.bridge.{off[0]}=1'"]
+
+
+# --- up ----------------------------------------------------------------------------
+
+def up(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None,
+       restart_changed: bool = False, say: Say = print, hooks: bool = True) -> Outcome:
+    """hooks: make sure libvirt's hooks refuse this DMZ's VMs without their table, whoever starts them."""
+    snap, vm_names = inspect_for_up(virt, dmz, settings, only)
+    desired, observed = snap.desired, snap.observed
+    outcome = Outcome(dmz.name, say)
+    for warning in bridge_netfilter_warnings(dmz):
+        say(f"{dmz.name}: WARNING: {warning}")
+    if hooks:
+        for line in hook_files.ensure_hooks(settings.hooks_dir):
+            outcome.change(line)
+    undo = Undo(say)
+    try:
+        _up_network(virt, desired, observed, outcome, undo)
+        with dmz_lock(settings.run_dir, SHARED_FILTERS, say=say):
+            _up_nwfilters(virt, desired, observed, outcome, undo)
+        apply_firewall(desired, observed.table, outcome, undo, settings)
+        # Fail closed: re-check the table right before any VM may run.
+        if not nft.table_exists(desired.table):
+            raise HostError(f"firewall table {desired.table} is missing; no VM is started without it")
+        # The other DMZs must block this one's subnets before its VMs run (and vice versa).
+        refresh_other_tables(dmz, outcome, settings)
+        for name in vm_names:
+            _up_domain(virt, desired, observed, name, restart_changed, outcome, undo, settings)
+    except BaseException:
+        if undo.steps:
+            say(f"{dmz.name}: failed; undoing what this run did")
+        undo.run()
+        raise
+    return outcome
+
+
+def _up_network(virt: Virt, desired: DesiredDMZ, observed: Observed, outcome: Outcome, undo: Undo) -> None:
+    name = desired.dmz.name
+    decision = decide_network(desired, observed)
+    if decision.define == "new":
+        virt.define_network(decision.want_xml)
+        outcome.change(f"network {name} defined (bridge {desired.dmz.bridge})")
+        undo.add(f"network {name}", lambda: virt.remove_network(name))
+    elif decision.define == "update":
+        virt.define_network(decision.want_xml)
+        outcome.change(f"network {name} definition updated")
+        if decision.pending:
+            outcome.pending.append(f"network {name}: the new definition applies when the network restarts "
+                                   f"(dmzctl down, then up)")
+    if decision.start:
+        virt.start_network(name)
+        outcome.change(f"network {name} started")
+        if decision.define != "new":
+            undo.add(f"network {name} start", lambda: virt.stop_network(name))
+    elif decision.autostart:
+        virt.start_network(name)
+
+
+def _up_nwfilters(virt: Virt, desired: DesiredDMZ, observed: Observed, outcome: Outcome, undo: Undo) -> None:
+    for decision in decide_nwfilters(desired, observed):
+        name = decision.name
+        virt.define_nwfilter(to_string(decision.element))
+        outcome.change(f"nwfilter {name} {'updated' if decision.live_xml else 'defined'}")
+        if decision.live_xml is None:
+            undo.add(f"nwfilter {name}", lambda name=name: virt.undefine_nwfilter(name))
+
+
+def apply_firewall(desired: DesiredDMZ, table: TableState, outcome: Outcome, undo: Optional[Undo],
+                   settings: Settings) -> None:
+    held_down_marker(settings.run_dir, desired.dmz.name).unlink(missing_ok=True)
+    action = decide_firewall_action(Observed(None, {}, table, {}))
+    if action is None:
+        return
+    nft.apply(apply_batch(desired.dmz, desired.blocks))
+    if not nft.table_exists(desired.table):
+        raise HostError(f"nftables accepted table {desired.table} but it is not there; refusing to go on")
+    done = "updated" if table.exists else "applied"
+    outcome.change(f"firewall table inet {desired.table} {done}")
+    events.record(settings.event_log, f"dmz={desired.dmz.name} firewall table {desired.table} {done}")
+    if undo is not None and not table.exists:
+        undo.add(f"firewall table {desired.table}", lambda: nft.apply(delete_batch(desired.table)))
+
+
+def _up_domain(virt: Virt, desired: DesiredDMZ, observed: Observed, name: str, restart_changed: bool,
+               outcome: Outcome, undo: Undo, settings: Settings) -> None:
+    dmz, vm = desired.dmz, desired.dmz.vm(name)
+    decision = decide_domain(desired, observed, name, restart_changed)
+    if decision.define is not None:
+        virt.define_domain(decision.want_xml)
+        outcome.change(f"VM {name} {'defined' if decision.define == 'new' else 'definition updated'}")
+        if decision.define == "new":
+            undo.add(f"VM {name} definition", lambda: virt.undefine_domain(name))
+    if decision.restart:
+        outcome.say and outcome.say(f"{dmz.name}: restarting {name} for its new definition")
+        for line in stop_domains(virt, dmz, [name], settings, say=outcome.say or print):
+            outcome.change(line)
+    elif decision.outdated:
+        outcome.pending.append(f"VM {name}: the new definition applies at its next start "
+                               f"(dmzctl up --restart-changed)")
+    if virt.domain_info(name).autostart != vm.autostart:
+        virt.set_autostart(name, vm.autostart)
+    if not virt.is_running(name):
+        (outcome.say or print)(f"{dmz.name}: starting {name}")
+        began = time.monotonic()
+        start_vm(virt, vm, dmz)
+        outcome.change(f"VM {name} started ({time.monotonic() - began:.1f} s)")
+        events.record(settings.event_log, f"dmz={dmz.name} vm={name} started")
+        undo.add(f"VM {name} start", lambda: virt.destroy_domain(name))
+
+
+def start_vm(virt: Virt, vm: VM, dmz: DMZ) -> None:
+    """Start the domain; a start libvirt refuses because of a [vm.limits] setting names the setting."""
+    try:
+        virt.start_domain(vm.name)
+    except HostError as error:
+        hint = limits_start_hint(str(error), vm)
+        if hint is None:
+            raise
+        raise HostError(f"{error}; {hint}") from None
+
+
+def limits_start_hint(message: str, vm: VM) -> Optional[str]:
+    """Which [vm.limits] setting a failed start comes from, when libvirt's message tells, and what to do."""
+    where = f"vm[{vm.name}].limits"
+    limits = vm.limits
+    if limits.memory_max_mib is not None and "cannot limit locked memory" in message:
+        # libvirt 9.0 raises RLIMIT_MEMLOCK to the hard limit, which needs CAP_SYS_RESOURCE.
+        return (f"{where}.memory_max: libvirt sets QEMU's locked-memory limit to it and libvirtd lacks "
+                f"CAP_SYS_RESOURCE to do so (a container?); remove memory_max or give libvirtd that capability")
+    if (limits.net_to_vm_bytes_per_sec or limits.net_from_vm_bytes_per_sec) and "(tc " in message:
+        return (f"{where}.net_to_vm/net_from_vm: the kernel lacks traffic control libvirt shapes with "
+                f"(sch_htb, sch_sfq, cls_u32, act_police); load those modules or remove the net limits")
+    if "cgroup" in message.lower() and (limits.cpu_per_vcpu is not None or limits.memory_max_mib is not None):
+        return (f"{where}: cpu_per_vcpu and memory_max need libvirt's cgroup cpu and memory controllers; "
+                f"mount them or remove those limits")
+    return None
+
+
+def refresh_other_tables(dmz: DMZ, outcome: Outcome, settings: Settings) -> None:
+    """Re-apply every other live DMZ table that the host's networks have made stale.
+
+    Their configs are found through their networks' metadata. A DMZ held by another
+    dmzctl run is left to it (it renders with the view it reads), as is one whose
+    table an admin took down on purpose.
+    """
+    view = facts.host_view()
+    others = {network.dmz: network.config for network in view.networks
+              if network.dmz and network.dmz != dmz.name and network.config}
+    for name, config in sorted(others.items()):
+        try:
+            other = load_dmz(Path(config))
+        except DmzctlError as error:
+            outcome.pending.append(f"DMZ {name}: its table could not be refreshed: {str(error).splitlines()[0]}")
+            continue
+        table = table_name(other)
+        if other.name != name or held_down_marker(settings.run_dir, name).exists() or not nft.table_exists(table):
+            continue
+        batch = apply_batch(other, blocks_for(other, view))
+        try:
+            with dmz_lock(settings.run_dir, name, timeout=0):
+                if nft.canonical(nft.list_table(table)) == nft.kernel_form(batch, table):
+                    continue
+                nft.apply(batch)
+        except LockedError:
+            continue
+        outcome.change(f"firewall table inet {table} of DMZ {name} refreshed (the host's networks changed)")
+        events.record(settings.event_log, f"dmz={name} firewall table {table} refreshed by dmzctl up of {dmz.name}")
+
+
+# --- down ----------------------------------------------------------------------------
+
+def stop_domains(virt: Virt, dmz: DMZ, names: list[str], settings: Settings, timeout: Optional[float] = None,
+                 say: Say = print) -> list[str]:
+    """ACPI shutdown for all at once, wait (event-driven) up to each VM's timeout, destroy the rest.
+
+    Returns what happened to each VM, one line each. Raises when libvirt cannot confirm one is off.
+    """
+    running = [name for name in names if not virt.is_off(name)]
+    if not running:
+        return []
+    began = time.monotonic()
+    deadlines = {}
+    for name in running:
+        limit = timeout if timeout is not None else _vm_timeout(dmz, name)
+        deadlines[name] = began + limit
+        virt.shutdown_domain(name)
+        say(f"{dmz.name}: asked {name} to power off (ACPI), waiting up to {limit:.0f} s")
+        events.record(settings.event_log, f"dmz={dmz.name} vm={name} ACPI shutdown requested")
+    tick = _waiting_reporter(virt, running, began, say)
+    report = []
+    for name in running:
+        remaining = deadlines[name] - time.monotonic()
+        if virt.wait_for(lambda: virt.is_off(name), max(remaining, 0), tick=tick):
+            report.append(f"VM {name} powered off ({time.monotonic() - began:.1f} s)")
+            events.record(settings.event_log, f"dmz={dmz.name} vm={name} powered off")
+            continue
+        virt.destroy_domain(name)
+        if not virt.wait_for(lambda: virt.is_off(name), 30):
+            # The firewall goes only once libvirt has confirmed every VM is off.
+            raise HostError(f"VM {name} is still not off 30 s after destroy; its DMZ's firewall stays")
+        report.append(f"VM {name} did not power off within its timeout: destroyed")
+        events.record(settings.event_log, f"dmz={dmz.name} vm={name} destroyed after shutdown timeout")
+    return report
+
+
+def _waiting_reporter(virt: Virt, names: list[str], began: float, say: Say) -> Callable[[float], None]:
+    last = [0.0]
+
+    def tick(_remaining: float) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 5:
+            waiting = [n for n in names if not virt.is_off(n)]
+            if waiting and now - began >= 1:
+                say(f"  still waiting for {', '.join(waiting)} ({now - began:.0f} s)")
+            last[0] = now
+    return tick
+
+
+def _vm_timeout(dmz: DMZ, name: str) -> float:
+    try:
+        return dmz.vm(name).shutdown_timeout
+    except KeyError:
+        return 20.0
+
+
+def owned_domains(virt: Virt, dmz: DMZ) -> list[str]:
+    """Everything of this DMZ on the host, VMs since removed from the config included."""
+    configured = [vm.name for vm in dmz.vms if (info := virt.domain_info(vm.name)) and info.owner == dmz.name]
+    return sorted(set(virt.domains_of(dmz.name)) | set(configured))
+
+
+def down(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None,
+         timeout: Optional[float] = None, keep_network: bool = False, say: Say = print) -> Outcome:
+    require_root()
+    outcome = Outcome(dmz.name, say)
+    owned = owned_domains(virt, dmz)
+    names = [n for n in (selected_vms(dmz, only) if only else owned) if n in owned]
+    for line in stop_domains(virt, dmz, names, settings, timeout, say):
+        outcome.change(line)
+    if only or keep_network:
+        return outcome
+    for name in names:
+        virt.undefine_domain(name)
+        outcome.change(f"VM {name} undefined")
+    _remove_nwfilters(virt, dmz, outcome, settings)
+    network = virt.network_info(dmz.name)
+    if network is not None and network.owner == dmz.name:
+        virt.remove_network(dmz.name)
+        outcome.change(f"network {dmz.name} removed")
+    table = table_name(dmz)
+    if nft.table_exists(table):
+        nft.apply(delete_batch(table))
+        outcome.change(f"firewall table inet {table} removed")
+        events.record(settings.event_log, f"dmz={dmz.name} firewall table {table} removed")
+    refresh_other_tables(dmz, outcome, settings)
+    return outcome
+
+
+def remove_domains(virt: Virt, dmz: DMZ, names: list[str], settings: Settings, outcome: Outcome,
+                   say: Say = print) -> None:
+    """Stop (ACPI, then destroy) and undefine these VMs of the DMZ; their disks stay."""
+    for line in stop_domains(virt, dmz, names, settings, say=say):
+        outcome.change(line)
+    for name in names:
+        virt.undefine_domain(name)
+        outcome.change(f"VM {name} undefined")
+
+
+def _remove_nwfilters(virt: Virt, dmz: DMZ, outcome: Outcome, settings: Settings) -> None:
+    from ..render.nwfilter import CLEAN_TRAFFIC
+
+    prefix = f"dmzctl-{dmz.name}-"
+    # Referencing filters first: libvirt refuses to remove a filter still referenced.
+    names = [n for n in virt.nwfilter_names() if n.startswith(prefix)]
+    for name in sorted(names, key=lambda n: (n.count("-guard") + n.count("-spoof"), n)):
+        virt.undefine_nwfilter(name)
+        outcome.change(f"nwfilter {name} removed")
+    # The shared clean-traffic filter goes with the last DMZ that uses it; the lock
+    # keeps another DMZ's `up` from referencing it while it goes.
+    with dmz_lock(settings.run_dir, SHARED_FILTERS):
+        if not any(n.startswith("dmzctl-") and n != CLEAN_TRAFFIC for n in virt.nwfilter_names()):
+            if virt.nwfilter_exists(CLEAN_TRAFFIC):
+                virt.undefine_nwfilter(CLEAN_TRAFFIC)
+                outcome.change(f"nwfilter {CLEAN_TRAFFIC} removed")
+
+
+def kill(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None, say: Say = print) -> Outcome:
+    require_root()
+    outcome = Outcome(dmz.name, say)
+    for name in selected_vms(dmz, only) if only else virt.domains_of(dmz.name):
+        if virt.is_off(name) or virt.live_domain_owner(name) != dmz.name:
+            continue
+        virt.destroy_domain(name)
+        if not virt.wait_for(lambda: virt.is_off(name), 30):
+            raise HostError(f"VM {name} is still not off 30 s after destroy")
+        outcome.change(f"VM {name} destroyed")
+        events.record(settings.event_log, f"dmz={dmz.name} vm={name} killed (destroyed)")
+    return outcome
+
+
+def restart(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None,
+            timeout: Optional[float] = None, say: Say = print) -> tuple[Outcome, Outcome]:
+    # Refuse before stopping anything: a disk `up` would refuse must not leave the VM down.
+    images.check_disks(dmz, selected_vms(dmz, only))
+    stopped = down(virt, dmz, settings, only, timeout, keep_network=True, say=say)
+    return stopped, up(virt, dmz, settings, only, say=say)
+
+
+# --- the firewall alone ----------------------------------------------------------------
+
+def firewall_up(dmz: DMZ, settings: Settings, say: Say = print) -> Outcome:
+    require_root()
+    outcome = Outcome(dmz.name, say)
+    desired = table_only(dmz)
+    apply_firewall(desired, observe_table(desired), outcome, None, settings)
+    return outcome
+
+
+def firewall_down(virt: Virt, dmz: DMZ, settings: Settings, force: bool = False, say: Say = print) -> Outcome:
+    require_root()
+    outcome = Outcome(dmz.name, say)
+    running = [n for n in virt.domains_of(dmz.name) if virt.domain_info(n).running]
+    if running and not force:
+        one = len(running) == 1
+        which = f"VM {running[0]} is" if one else f"VMs {', '.join(running)} are"
+        raise DmzctlError(f"DMZ {dmz.name}: {which} running; removing the firewall would leave "
+                          f"{'it' if one else 'them'} unprotected. Stop {'it' if one else 'them'} first, "
+                          f"or use --force")
+    table = table_name(dmz)
+    marker = held_down_marker(settings.run_dir, dmz.name)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    if nft.table_exists(table):
+        nft.apply(delete_batch(table))
+        outcome.change(f"firewall table inet {table} removed")
+        events.record(settings.event_log, f"dmz={dmz.name} firewall table {table} removed by 'firewall down'")
+        say(f"WARNING: DMZ {dmz.name} is no longer protected by its nftables table "
+            f"(only the per-VM nwfilters remain)")
+    return outcome
+
+
+def summary_lines(outcome: Outcome, verb: str) -> list[str]:
+    """What a command says after its changes (each was said as it happened): pending, or nothing to do."""
+    if not outcome.changes and not outcome.pending:
+        return [f"{outcome.dmz}: {verb}: nothing to change"]
+    return [f"{outcome.dmz}: PENDING: {pending}" for pending in outcome.pending]
