@@ -439,6 +439,8 @@ CASES = [
          "-1 must be between 0 and 3600 seconds"),
     case("shutdown-timeout-too-long", [S("vm[0].shutdown_timeout", 3600.5)], "vm[web].shutdown_timeout",
          "3600.5 must be between 0 and 3600 seconds"),
+    case("shutdown-timeout-beyond-a-float", [S("vm[0].shutdown_timeout", 10 ** 400)], "vm[web].shutdown_timeout",
+         "0 must be between 0 and 3600 seconds"),  # TOML allows it; float() of it overflows
     # --- [vm.limits]
     case("limits-not-a-table", [S("vm[0].limits", 5)], "vm[web].limits", "must be a table [vm.limits], got 5"),
     case("limits-unknown-key", [S("vm[0].limits.memory", "2GiB")], "vm[web].limits.memory",

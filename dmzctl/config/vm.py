@@ -193,8 +193,9 @@ def _running(check: Checker, table: dict, where: str) -> dict:
     """How the host runs the VM: its accelerator, whether it starts with the host, how long it may
     take to shut down."""
     timeout = check.typed(table, "shutdown_timeout", float, where, default=20, kind_name="a number of seconds")
-    if timeout is not None:
-        check.within(timeout, 0, 3600, f"{where}.shutdown_timeout", " seconds")
+    # Only a valid timeout becomes a float: float() of a TOML integer of 309 digits or more overflows.
+    # A wrong one stays as it is, reported, so that the VM still counts for the checks of holes.
+    if timeout is not None and check.within(timeout, 0, 3600, f"{where}.shutdown_timeout", " seconds"):
         timeout = float(timeout)
     return {
         "shutdown_timeout": timeout,
