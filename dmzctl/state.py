@@ -15,7 +15,8 @@ from typing import Any, Optional
 from . import xmlcompare
 from .desired import DesiredDMZ
 from .host import nft
-from .host.virt import DomainInfo, NetworkInfo, Virt, digest_of
+from .host.objects import DomainInfo, NetworkInfo, digest_of
+from .host.virt import Virt
 from .implicit import SET_NAMES
 from .hooks.files import missing_hooks
 from .render.base import to_string

@@ -885,7 +885,7 @@ def verify(dmz, targets: Iterable = (), skip: Iterable = (), host_addresses: Opt
            say: Callable[[str], None] = lambda _m: None) -> Report:
     """Probe the live DMZ from a temporary namespace; the namespace is gone when this returns or raises."""
     from .errors import HostError
-    from .ops.lifecycle import require_root, table_only as build_table_only
+    from .ops.common import require_root, table_only as build_table_only
     from .state import observe_table
 
     require_root()

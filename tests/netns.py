@@ -364,7 +364,7 @@ def dmz_exists(dmz) -> bool:
 def reapply_table(dmz) -> None:
     """Replace the DMZ's table whole (one transaction): counters and log limits start afresh."""
     from dmzctl.host import nft
-    from dmzctl.ops.lifecycle import table_only
+    from dmzctl.ops.common import table_only
     from dmzctl.render.nft import apply_batch
 
     nft.apply(apply_batch(dmz, table_only(dmz).blocks))

@@ -407,7 +407,7 @@ def test_the_live_table_with_filled_meters_is_the_configs(live):
     """check, plan and guard compare the live table with the config's: the meters' elements are state, not
     drift (else the guard would "restore" the table, and with it empty meters, under every flood)."""
     from dmzctl.host import nft
-    from dmzctl.ops.lifecycle import table_only
+    from dmzctl.ops.common import table_only
     from dmzctl.state import observe_table
     from dmzctl.render.nft import table_name
 

@@ -13,6 +13,7 @@ No libvirt object leaves this module; the guard sees names and words.
 from __future__ import annotations
 
 import queue
+import re
 import shutil
 import subprocess
 import threading
@@ -109,3 +110,38 @@ class LibvirtEvents:
             except libvirt.libvirtError:
                 pass  # the connection is gone already
         self.virt.close()
+
+
+# --- reading `nft monitor`'s text -----------------------------------------------
+
+GENERATION_RE = re.compile(r"^# new generation (\d+) by process (\d+) \((.*)\)")
+VERBS = {"add", "delete", "replace", "update", "insert", "flush", "reset", "destroy", "create"}
+FAMILIES = {"ip", "ip6", "inet", "arp", "bridge", "netdev"}
+
+
+def generation_of(line: str) -> Optional[tuple[int, str]]:
+    """(pid, process name) of a batch's closing line ("# new generation N by process PID (name)")."""
+    match = GENERATION_RE.match(line)
+    return (int(match.group(2)), match.group(3)) if match else None
+
+
+def table_of(line: str) -> Optional[tuple[str, str]]:
+    """(family, table) a change line is about, None for anything else."""
+    tokens = line.split()
+    if len(tokens) < 4 or tokens[0] not in VERBS:
+        return None
+    family_at = next((i for i, t in enumerate(tokens[1:4], 1) if t in FAMILIES), None)
+    if family_at is None or family_at + 1 >= len(tokens):
+        return None
+    return tokens[family_at], tokens[family_at + 1]
+
+
+def weight(line: str) -> int:
+    """How big a change a line shows: a deleted table lists its rules first, the table last."""
+    words = line.split()
+    return {"table": 3, "chain": 2, "set": 1}.get(words[1] if len(words) > 1 else "", 0)
+
+
+def short(line: str) -> str:
+    words = line.split()
+    return " ".join(words[:6]) + (" ..." if len(words) > 6 else "")

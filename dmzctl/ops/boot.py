@@ -16,6 +16,7 @@ from ..config import DMZ, default_config_paths, load_all
 from ..errors import ConfigError, DmzctlError, HostError
 from ..host.lock import dmz_lock
 from ..settings import Settings
+from .common import summary_lines
 
 Say = Callable[[str], None]
 
@@ -72,7 +73,7 @@ def boot(paths: Optional[list[Path]], settings: Settings, stop: bool, say: Say, 
                         outcome = lifecycle.down(virt, dmz, settings, say=say)
                     else:
                         outcome = lifecycle.up(virt, dmz, settings, say=say)
-                for line in lifecycle.summary_lines(outcome, verb):
+                for line in summary_lines(outcome, verb):
                     say(line)
             except DmzctlError as error:
                 say(f"boot: {dmz.name}: {verb} failed: {error}")

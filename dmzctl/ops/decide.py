@@ -14,7 +14,7 @@ from lxml import etree
 
 from .. import xmlcompare
 from ..desired import DesiredDMZ
-from ..host.virt import DomainInfo, digest_of
+from ..host.objects import DomainInfo, digest_of
 from ..render.base import to_string
 from ..state import Observed, same_filter
 

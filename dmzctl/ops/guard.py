@@ -25,73 +25,26 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from .. import events
-from ..config import DMZ, default_config_paths, load_dmz
+from ..config import default_config_paths
 from ..errors import DmzctlError
 from ..host import facts, monitor, nft
 from ..host.lock import held_down_marker, try_lock
-from ..implicit import HostView, blocks_for
-from ..render.nft import FAMILY, apply_batch, table_name
+from ..implicit import HostView
+from ..render.nft import FAMILY
 from ..settings import Settings
 from ..state import TableState, table_drift
+from .targets import Target
 
 Say = Callable[[str], None]
-GENERATION_RE = re.compile(r"^# new generation (\d+) by process (\d+) \((.*)\)")
-VERBS = {"add", "delete", "replace", "update", "insert", "flush", "reset", "destroy", "create"}
-FAMILIES = {"ip", "ip6", "inet", "arp", "bridge", "netdev"}
 RETRY_LOCKED = 0.2  # seconds between attempts while a dmzctl run holds the DMZ
 BATCH_TIMEOUT = 0.1  # act on events whose generation line did not follow within this
-
-
-@dataclass
-class Target:
-    """One watched DMZ: its config and the table the kernel would list for it."""
-
-    path: Path
-    stamp: tuple = ()
-    dmz: Optional[DMZ] = None
-    batch: Optional[dict] = None
-    want: Any = None
-    error: Optional[str] = None
-    view: Optional[HostView] = None  # the host view `batch` was rendered with
-    loaded_stamp: tuple = ()  # the file version `dmz` was read from
-
-    @property
-    def table(self) -> Optional[str]:
-        return table_name(self.dmz) if self.dmz else None
-
-    def refresh(self, say: Say, view: HostView = HostView()) -> bool:
-        """Re-read the config when the file changed, re-render when the host view did.
-        Keeps the last good one on error. True if it changed."""
-        try:
-            stat = self.path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        except OSError as error:
-            if self.error != str(error):
-                self.error = str(error)
-                say(f"guard: {self.path}: {error.strerror}; keeping the last good version")
-            return False
-        if stamp == self.stamp and view == self.view:
-            return False
-        self.stamp = stamp
-        try:
-            dmz = load_dmz(self.path) if self.dmz is None or stamp != self.loaded_stamp else self.dmz
-            batch = apply_batch(dmz, blocks_for(dmz, view))
-            want = nft.kernel_form(batch, table_name(dmz))
-        except DmzctlError as error:
-            self.error = str(error).splitlines()[0]
-            say(f"guard: {self.path}: {self.error}; keeping the last good version")
-            return False
-        self.dmz, self.batch, self.want, self.error, self.view = dmz, batch, want, None, view
-        self.loaded_stamp = stamp
-        return True
 
 
 @dataclass
@@ -170,24 +123,21 @@ class Guard:
             stream.stop()
 
     def on_nft_line(self, line: str) -> None:
-        match = GENERATION_RE.match(line)
-        if match:
-            pid, process = int(match.group(2)), match.group(3)
+        generation = monitor.generation_of(line)
+        if generation is not None:
+            pid, process = generation
             pending, self.pending = self.pending, Pending()
             if pid == os.getpid():
                 return  # our own restore (or readiness probe): never a reason to act
             self.schedule_tables(pending, f"{process}[{pid}]")
             return
-        tokens = line.split()
-        if len(tokens) < 4 or tokens[0] not in VERBS:
+        changed = monitor.table_of(line)
+        if changed is None:
             return
-        family_at = next((i for i, t in enumerate(tokens[1:4], 1) if t in FAMILIES), None)
-        if family_at is None or family_at + 1 >= len(tokens):
-            return
-        table = tokens[family_at + 1]
+        family, table = changed
         if table == self.ready_table:
             self.monitor_ready = True
-        if tokens[family_at] != FAMILY:
+        if family != FAMILY:
             return
         name = self.by_table(table)
         if name is None:
@@ -196,12 +146,12 @@ class Guard:
             self.pending.since = time.monotonic()
         # Name the change by its biggest event: a deleted table lists its rules first.
         known = self.pending.first.get(name)
-        if known is None or _weight(line) > _weight(known):
+        if known is None or monitor.weight(line) > monitor.weight(known):
             self.pending.first[name] = line
 
     def schedule_tables(self, pending: Pending, who: str) -> None:
         for name, line in sorted(pending.first.items()):
-            self.schedule(name, f"'{_short(line)}' by {who}")
+            self.schedule(name, f"'{monitor.short(line)}' by {who}")
 
     # --- the host's networks --------------------------------------------
 
@@ -373,7 +323,7 @@ class Guard:
             if not self.stopping:
                 self.say("guard: ip monitor exited; the periodic re-check still reads the host's networks")
         elif kind == "address":
-            self.view_changed_soon(f"address change: {_short(item[1])}")
+            self.view_changed_soon(f"address change: {monitor.short(item[1])}")
         elif kind == "domain":
             self.on_domain(item[1], item[2])
         elif kind == "libvirt-closed":
@@ -426,11 +376,3 @@ class Guard:
                 signal.signal(sig, handler)
 
 
-def _weight(line: str) -> int:
-    words = line.split()
-    return {"table": 3, "chain": 2, "set": 1}.get(words[1] if len(words) > 1 else "", 0)
-
-
-def _short(line: str) -> str:
-    words = line.split()
-    return " ".join(words[:6]) + (" ..." if len(words) > 6 else "")

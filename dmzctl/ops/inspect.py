@@ -19,10 +19,11 @@ from ..host.virt import Virt
 from ..settings import Settings
 from ..state import Difference, Snapshot, snapshot, summary_of
 from . import lifecycle
+from .common import bridge_netfilter_warnings, desired_state
 
 
 def inspect(virt: Virt, dmz: DMZ, settings: Settings) -> Snapshot:
-    return snapshot(virt, lifecycle.desired_state(virt, dmz, settings), settings.hooks_dir)
+    return snapshot(virt, desired_state(virt, dmz, settings), settings.hooks_dir)
 
 
 # --- status ----------------------------------------------------------------------------
@@ -73,7 +74,7 @@ def dmz_status(virt: Virt, dmz: DMZ, settings: Settings) -> DMZStatus:
                      network_as_configured=network == "active" and not any(d.kind.startswith("network-")
                                                                              for d in differences),
                      firewall="absent" if not table.exists else "in sync" if table.in_sync else "drifted",
-                     vms=vms, problems=problems, warnings=lifecycle.bridge_netfilter_warnings(dmz),
+                     vms=vms, problems=problems, warnings=bridge_netfilter_warnings(dmz),
                      hooks="missing" if observed.hooks_missing else "installed", differences=differences)
 
 

@@ -9,163 +9,26 @@ once at the start (state.py): `plan` shows the very same decisions.
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from .. import events
 from ..config import DMZ, VM, load_dmz
-from ..desired import DesiredDMZ, build
+from ..desired import DesiredDMZ
 from ..errors import DmzctlError, HostError, LockedError
+from ..hooks import files as hook_files
 from ..host import facts, images, nft
 from ..host.lock import SHARED_FILTERS, dmz_lock, held_down_marker
-from ..host.virt import Virt, check_owned
+from ..host.virt import Virt
 from ..implicit import blocks_for
 from ..render.base import to_string
-from ..render.domain import HostFacts
-from ..render.nft import apply_batch, delete_batch, render_table, table_name
+from ..render.nft import apply_batch, delete_batch, table_name
 from ..settings import Settings
-from ..state import Observed, Snapshot, TableState, observe_table, snapshot
-from ..hooks import files as hook_files
+from ..state import Observed, TableState, observe_table
+from .common import (Outcome, Say, Undo, bridge_netfilter_warnings, inspect_for_up, require_root, selected_vms,
+                     table_only)
 from .decide import decide_domain, decide_firewall_action, decide_network, decide_nwfilters
-
-Say = Callable[[str], None]
-
-
-@dataclass
-class Outcome:
-    """What one command did to one DMZ, for the CLI to print."""
-
-    dmz: str
-    say: Optional[Say] = None  # told of each change as it happens
-    changes: list[str] = field(default_factory=list)
-    pending: list[str] = field(default_factory=list)
-
-    def change(self, what: str) -> None:
-        self.changes.append(what)
-        if self.say is not None:
-            self.say(f"{self.dmz}: {what}")
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.changes)
-
-    def to_dict(self) -> dict:
-        return {"dmz": self.dmz, "changed": self.changed, "changes": self.changes, "pending": self.pending}
-
-
-class Undo:
-    """Steps to reverse what this run created, run newest first on failure."""
-
-    def __init__(self, say: Say):
-        self.steps: list[tuple[str, Callable[[], None]]] = []
-        self.say = say
-
-    def add(self, what: str, step: Callable[[], None]) -> None:
-        self.steps.append((what, step))
-
-    def run(self) -> None:
-        for what, step in reversed(self.steps):
-            try:
-                step()
-                self.say(f"  undone: {what}")
-            except Exception as error:  # keep undoing the rest; say what could not be undone
-                self.say(f"  could not undo {what}: {error}")
-
-
-def require_root() -> None:
-    if os.geteuid() != 0:
-        raise HostError("must run as root: nftables and libvirt's system instance need it")
-
-
-def host_facts(virt: Virt, settings: Settings) -> HostFacts:
-    """What rendering needs from the host; never anything read from a disk image (see images.py)."""
-    return HostFacts(kvm_usable=virt.kvm_usable(), virt_type_override=settings.virt_type)
-
-
-def desired_state(virt: Virt, dmz: DMZ, settings: Settings) -> DesiredDMZ:
-    """The DMZ as `up` would make it on this host now: with the host's facts and networks."""
-    return build(dmz, host_facts(virt, settings), facts.host_view())
-
-
-def table_only(dmz: DMZ) -> DesiredDMZ:
-    """The table alone, with the host's networks as they are now."""
-    view = facts.host_view()
-    blocks = blocks_for(dmz, view)
-    return DesiredDMZ(dmz=dmz, network=None, nwfilters={}, table=table_name(dmz), nft=render_table(dmz, blocks),
-                      domains={}, blocks=blocks, view=view)
-
-
-def selected_vms(dmz: DMZ, only: Optional[list[str]]) -> list[str]:
-    names = [vm.name for vm in dmz.vms]
-    if not only:
-        return names
-    unknown = [name for name in only if name not in names]
-    if unknown:
-        raise DmzctlError(f"DMZ {dmz.name} has no VM named {', '.join(unknown)}; "
-                          f"its VMs: {', '.join(names) or 'none'}")
-    return list(only)
-
-
-def preflight(virt: Virt, snap: Snapshot, vm_names: list[str]) -> None:
-    """Every check `up` needs, before it changes anything."""
-    dmz, observed = snap.desired.dmz, snap.observed
-    require_root()
-    nft.binding_available()
-    if observed.network is not None:
-        check_owned("network", dmz.name, observed.network.owner, dmz.name)
-    other = virt.network_of_bridge(dmz.bridge)
-    if other is not None and other != dmz.name:
-        raise HostError(f"bridge {dmz.bridge} belongs to libvirt network {other!r}; set dmz.bridge to a free name")
-    if other is None and Path(f"/sys/class/net/{dmz.bridge}").exists():
-        raise HostError(f"interface {dmz.bridge} already exists and is not a dmzctl network's bridge; "
-                        f"set dmz.bridge to a free name")
-    for name, info in observed.domains.items():
-        if info is not None:
-            check_owned("domain", name, info.owner, dmz.name)
-    missing = [f"vm[{vm.name}].{label} {path}" for vm in dmz.vms if vm.name in vm_names
-               for label, path in _files_of(vm) if path is not None and not path.exists()]
-    if missing:
-        raise HostError("missing file(s): " + "; ".join(missing))
-    images.check_disks(dmz, vm_names)
-
-
-def _files_of(vm: VM) -> list[tuple[str, Optional[Path]]]:
-    layers = [("disk", image.path) for disk in vm.disks for image in disk.chain]
-    return layers + [("cdrom", vm.cdrom), ("kernel", vm.kernel), ("initrd", vm.initrd)]
-
-
-def inspect_for_up(virt: Virt, dmz: DMZ, settings: Settings,
-                   only: Optional[list[str]] = None) -> tuple[Snapshot, list[str]]:
-    """The state `up` (and `plan`) decide on, after every check that changes nothing."""
-    vm_names = selected_vms(dmz, only)
-    snap = snapshot(virt, desired_state(virt, dmz, settings), settings.hooks_dir)
-    preflight(virt, snap, vm_names)
-    return snap, vm_names
-
-
-BRIDGE_NETFILTER = {4: Path("/proc/sys/net/bridge/bridge-nf-call-iptables"),
-                    6: Path("/proc/sys/net/bridge/bridge-nf-call-ip6tables")}
-
-
-def bridge_netfilter_warnings(dmz: DMZ) -> list[str]:
-    """The nwfilter block of protected subnets is iptables-layer: it needs br_netfilter."""
-    families = [4] + ([6] if dmz.gateway6 is not None else [])
-    off = []
-    for family in families:
-        try:
-            enabled = BRIDGE_NETFILTER[family].read_text().strip() == "1"
-        except OSError:
-            enabled = False
-        if not enabled:
-            off.append(BRIDGE_NETFILTER[family].name)
-    if not off:
-        return []
-    return [f"{' and '.join(off)} is off (br_netfilter): the per-VM nwfilter block of the protected subnets "
-            f"cannot see bridged traffic, only the nftables table protects them; enable it with "
-            f"'modprobe br_netfilter' and 'sysctl net.bridge.{off[0]}=1'"]
 
 
 # --- up ----------------------------------------------------------------------------
@@ -507,8 +370,3 @@ def firewall_down(virt: Virt, dmz: DMZ, settings: Settings, force: bool = False,
     return outcome
 
 
-def summary_lines(outcome: Outcome, verb: str) -> list[str]:
-    """What a command says after its changes (each was said as it happened): pending, or nothing to do."""
-    if not outcome.changes and not outcome.pending:
-        return [f"{outcome.dmz}: {verb}: nothing to change"]
-    return [f"{outcome.dmz}: PENDING: {pending}" for pending in outcome.pending]

@@ -59,7 +59,7 @@ class Plan:
 def compute(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None,
             restart_changed: bool = False, diffs: bool = True) -> Plan:
     """What `up` (with the same options) would do, in its order. Raises what up's checks raise."""
-    from .lifecycle import inspect_for_up
+    from .common import inspect_for_up
 
     snap, vm_names = inspect_for_up(virt, dmz, settings, only)
     desired, observed = snap.desired, snap.observed

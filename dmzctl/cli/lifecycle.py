@@ -1,0 +1,167 @@
+"""Commands that change a DMZ: up, down, restart, kill, console, firewall up|down|show."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import ConfigError, DmzctlError
+from . import (ConfigArgs, ConnectOpt, VmOpt, app, each_dmz, firewall_app, load_configs, print_outcome, run, say,
+               settings_of)
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    configs: ConfigArgs = None,
+    vm: VmOpt = None,
+    restart_changed: Annotated[bool, typer.Option(
+        "--restart-changed", help="Restart running VMs whose definition changed")] = False,
+    no_hooks: Annotated[bool, typer.Option(
+        "--no-hooks", help="Do not install libvirt's hooks (then virsh or virt-manager can start a VM "
+                           "without its firewall table; status and check report it)")] = False,
+    connect: ConnectOpt = None,
+) -> None:
+    """Bring DMZs up: hooks, network, filters, firewall, then the VMs (never a VM without its firewall)."""
+    from ..ops import lifecycle
+
+    settings = settings_of(ctx, connect)
+    run(lambda: each_dmz(settings, configs, lambda virt, dmz: print_outcome(
+        lifecycle.up(virt, dmz, settings, vm, restart_changed, say=say, hooks=not no_hooks), "up")),
+        settings.debug)
+
+
+@app.command()
+def down(
+    ctx: typer.Context,
+    configs: ConfigArgs = None,
+    vm: VmOpt = None,
+    timeout: Annotated[Optional[float], typer.Option(
+        "--timeout", help="Seconds of ACPI grace before destroy (default: each VM's shutdown_timeout)")] = None,
+    keep_network: Annotated[bool, typer.Option(
+        "--keep-network", help="Stop the VMs but keep network, filters and firewall")] = False,
+    connect: ConnectOpt = None,
+) -> None:
+    """ACPI shutdown of the VMs (destroy after the timeout), then remove what dmzctl created."""
+    from ..ops import lifecycle
+
+    settings = settings_of(ctx, connect)
+
+    def action():
+        if timeout is not None and timeout < 0:
+            raise ConfigError(["--timeout: must be 0 or more seconds"])
+        each_dmz(settings, configs, lambda virt, dmz: print_outcome(
+            lifecycle.down(virt, dmz, settings, vm, timeout, keep_network, say=say), "down"))
+
+    run(action, settings.debug)
+
+
+@app.command()
+def restart(
+    ctx: typer.Context,
+    configs: ConfigArgs = None,
+    vm: VmOpt = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="ACPI grace in seconds")] = None,
+    connect: ConnectOpt = None,
+) -> None:
+    """Stop the VMs gracefully (network and firewall stay up) and start them again."""
+    from ..ops import lifecycle
+
+    settings = settings_of(ctx, connect)
+
+    def work(virt, dmz):
+        stopped, started = lifecycle.restart(virt, dmz, settings, vm, timeout, say=say)
+        print_outcome(stopped, "stop")
+        print_outcome(started, "start")
+
+    run(lambda: each_dmz(settings, configs, work), settings.debug)
+
+
+@app.command()
+def kill(ctx: typer.Context, configs: ConfigArgs = None, vm: VmOpt = None, connect: ConnectOpt = None) -> None:
+    """Destroy the VMs now, without waiting for the guest (the original's forcekill)."""
+    from ..ops import lifecycle
+
+    settings = settings_of(ctx, connect)
+    run(lambda: each_dmz(settings, configs, lambda virt, dmz: print_outcome(
+        lifecycle.kill(virt, dmz, settings, vm, say), "kill")), settings.debug)
+
+
+@app.command()
+def console(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="VM name")],
+    connect: ConnectOpt = None,
+) -> None:
+    """Attach to a VM's serial console (as `virsh console`; leave with Ctrl+])."""
+    from ..host.console import attach
+    from ..host.virt import Virt
+
+    settings = settings_of(ctx, connect)
+
+    def action():
+        with Virt(settings.uri) as virt:
+            if virt.domain_info(name) is None:
+                raise DmzctlError(f"no VM named {name!r}")
+            if virt.live_domain_owner(name) is None:
+                raise DmzctlError(f"VM {name!r} is not a dmzctl VM; use virsh console")
+        raise typer.Exit(code=attach(settings.uri, name))
+
+    run(action, settings.debug)
+
+
+@firewall_app.command("up")
+def firewall_up(ctx: typer.Context, configs: ConfigArgs = None) -> None:
+    """Apply each DMZ's nftables table (one atomic transaction)."""
+    from ..host.lock import dmz_lock
+    from ..ops import lifecycle
+
+    settings = settings_of(ctx)
+
+    def action():
+        for dmz in load_configs(configs):
+            with dmz_lock(settings.run_dir, dmz.name, say=say):
+                print_outcome(lifecycle.firewall_up(dmz, settings, say), "firewall up")
+
+    run(action, settings.debug)
+
+
+@firewall_app.command("down")
+def firewall_down(
+    ctx: typer.Context,
+    configs: ConfigArgs = None,
+    force: Annotated[bool, typer.Option("--force", help="Even while the DMZ's VMs run")] = False,
+    connect: ConnectOpt = None,
+) -> None:
+    """Remove each DMZ's nftables table (refused while its VMs run, unless --force)."""
+    from ..ops import lifecycle
+
+    settings = settings_of(ctx, connect)
+
+    def work(virt, dmz):
+        print_outcome(lifecycle.firewall_down(virt, dmz, settings, force, say=lambda m: typer.echo(m, err=True)),
+                      "firewall down")
+
+    run(lambda: each_dmz(settings, configs, work), settings.debug)
+
+
+@firewall_app.command("show")
+def firewall_show(ctx: typer.Context, configs: ConfigArgs = None) -> None:
+    """Print each DMZ's live nftables table (exit 1 if one is absent)."""
+    from ..host import nft
+    from ..render.nft import table_name
+
+    def action():
+        missing = False
+        for dmz in load_configs(configs):
+            text = nft.list_table_text(table_name(dmz))
+            if text is None:
+                typer.echo(f"{dmz.name}: firewall table inet {table_name(dmz)} is absent")
+                missing = True
+            else:
+                typer.echo(text, nl=False)
+        if missing:
+            raise typer.Exit(code=1)
+
+    run(action, settings_of(ctx).debug)
