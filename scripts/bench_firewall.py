@@ -29,15 +29,12 @@ import ctypes
 import datetime as dt
 import ipaddress
 import json
-import math
 import os
 import platform
-import re
 import select
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,9 +42,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # the working tree's dmzctl, not an installed copy
+from benchlib import (REPO, Interrupted, Report, Stopwatch, cpu_model, duration, interrupt_on_signals, kernel,
+                      load_average, log, median, median_range, memory, os_name, publish, ratio, spread,
+                      tool_version, use_working_tree)
+
+use_working_tree()
 
 DMZ_NAME = "bench"
 BRIDGE = "dz-bench"  # dmzctl's default bridge name for a DMZ called "bench"
@@ -66,12 +65,6 @@ QUICK_SIZES = (1, 10, 100)
 PROGRESS_EVERY = 100  # the iptables script reports every this many rules
 SAMPLES = 6  # per-rule cost samples for a stopped (b) run
 SAMPLE_RULES = 50  # iptables calls timed per sample
-
-START = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - START:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # --- the policy under test --------------------------------------------------------------
@@ -206,22 +199,14 @@ def worker(mode: str, args: list[str]) -> int:
         from dmzctl.host.nft import apply
         from dmzctl.render.nft import apply_batch
         dmz = parse_dmz(json.loads(Path(args[0]).read_text()))
-        t0 = time.perf_counter()
-        apply(apply_batch(dmz))
-        result["seconds"] = time.perf_counter() - t0
+        with Stopwatch() as clock:
+            apply(apply_batch(dmz))
+        result["seconds"] = clock.seconds
     elif mode == "nft":
-        t0 = time.perf_counter()
-        proc = subprocess.run(["nft", "-j", "-f", args[0]], capture_output=True, text=True)
-        result["seconds"] = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"nft -j -f failed: {proc.stderr.strip()[:500]}")
+        result["seconds"] = _timed_process(["nft", "-j", "-f", args[0]])
     elif mode == "restore":
         with open(args[1], "rb") as rules:
-            t0 = time.perf_counter()
-            proc = subprocess.run([args[0]], stdin=rules, capture_output=True, text=True)
-            result["seconds"] = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"{args[0]} failed: {proc.stderr.strip()[:500]}")
+            result["seconds"] = _timed_process([args[0]], stdin=rules)
     elif mode == "iptables":
         result = _run_iptables_script(args[0], float(args[1]), int(args[2]))
     elif mode == "count":
@@ -232,6 +217,15 @@ def worker(mode: str, args: list[str]) -> int:
         raise SystemExit(f"unknown worker mode {mode}")
     print(json.dumps(result))
     return 0
+
+
+def _timed_process(argv: list[str], stdin=None) -> float:
+    """The seconds one process took, from start to exit; a failure ends the worker with its message."""
+    with Stopwatch() as clock:
+        proc = subprocess.run(argv, stdin=stdin, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{shlex.join(argv)} failed: {proc.stderr.strip()[:500]}")
+    return clock.seconds
 
 
 def _run_iptables_script(script: str, cap: float, total: int) -> dict:
@@ -415,7 +409,7 @@ class Bench:
                 finally:
                     self.drop_netns(ns)
                 times[approach].append(res["seconds"])
-                this_run[approach] = fmt_time(res["seconds"])
+                this_run[approach] = duration(res["seconds"])
             log(f"  N={n} run {run + 1}/{opts.runs}: " + ", ".join(f"{k}={v}" for k, v in this_run.items()))
         if b_info["capped"]:
             b_info.update(self.estimate_b(n, inp, b_info["capped"]))
@@ -460,7 +454,7 @@ class Bench:
         if not done:
             return True
         # another run only while it is expected to fit in the per-N budget for (b)
-        return info["spent"] + statistics.median(done) <= self.opts.iptables_budget
+        return info["spent"] + median(done) <= self.opts.iptables_budget
 
     # 2. per-packet cost
     def topology(self) -> dict:
@@ -561,8 +555,8 @@ class Bench:
         rows = []
         for kind in kinds:
             got = samples[kind]
-            rows.append({"n": n, "kind": kind, "tcp": statistics.median(got["tcp"]),
-                         "udp": statistics.median(got["udp"]), "sent": statistics.median(got["sent"]),
+            rows.append({"n": n, "kind": kind, "tcp": median(got["tcp"]),
+                         "udp": median(got["udp"]), "sent": median(got["sent"]),
                          "load": max(got["load"]), "samples": got,
                          "per_packet": {"none": 0, "dmzctl": "1 / %d" % inp["counts"]["per_packet_new"],
                                         "iptables": original_forward_count(n)}[kind]})
@@ -581,206 +575,167 @@ class Bench:
                 "ipt_forward": original_forward_count(n), "batch_bytes": inp["batch_bytes"]}
 
 
-# --- formatting -------------------------------------------------------------------------
-
-def fmt_time(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f} ms"
-    if seconds < 100:
-        return f"{seconds:.2f} s"
-    return f"{seconds:,.0f} s"
-
+# --- the report ------------------------------------------------------------------------
 
 def gbit(bps: float) -> str:
     value = bps / 1e9
     return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
 
 
-def with_range(values: list[float], fmt) -> str:
-    """The median, and min-max when there was more than one run."""
-    middle = fmt(statistics.median(values))
-    return middle if len(values) < 2 else f"{middle} ({fmt(min(values))}–{fmt(max(values))})"
-
-
-def fmt_ratio(value: float) -> str:
-    """Two decimals, or two significant digits for small ratios, never in e-notation."""
-    if value >= 0.1 or value <= 0:
-        return f"{value:.2f}"
-    digits = 1 - math.floor(math.log10(value))
-    return f"{value:.{digits}f}"
-
-
-def spread(values: list[float]) -> str:
-    if not values:
-        return "–"
-    return f"{fmt_time(min(values))} / {fmt_time(statistics.median(values))} / {fmt_time(max(values))}"
+def kpps(packets_per_second: float) -> str:
+    return f"{packets_per_second / 1e3:.1f}"
 
 
 def machine() -> dict:
-    info: dict[str, str] = {}
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    info["CPU"] = f"{models[0] if models else platform.processor()}"
-    info["Cores"] = f"{os.cpu_count()} (as the kernel sees them)"
-    mem = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-    info["Memory"] = f"{int(mem.group(1)) / 1024 / 1024:.1f} GiB" if mem else "?"
-    uname = os.uname()
-    info["Kernel"] = f"{uname.sysname} {uname.release} {uname.version} {uname.machine}"
-    try:
-        info["OS"] = re.search(r'^PRETTY_NAME="?([^"\n]+)', Path("/etc/os-release").read_text(), re.M).group(1)
-    except (OSError, AttributeError):
-        info["OS"] = "?"
-
-    def version(cmd: list[str]) -> str:
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-            return (out.stdout or out.stderr).strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.TimeoutExpired):
-            return "not found"
-    info["nft"] = version(["nft", "--version"])
-    info["iptables"] = version(["iptables", "--version"])
-    info["iperf3"] = version(["iperf3", "--version"])
-    info["Python"] = f"{platform.python_version()} ({sys.executable})"
-    return info
+    return {
+        "CPU": cpu_model(),
+        "Cores": f"{os.cpu_count()} (as the kernel sees them)",
+        "Memory": memory(),
+        "Kernel": kernel(full=True),
+        "OS": os_name(),
+        "nft": tool_version(["nft", "--version"]),
+        "iptables": tool_version(["iptables", "--version"]),
+        "iperf3": tool_version(["iperf3", "--version"]),
+        "Python": f"{platform.python_version()} ({sys.executable})",
+    }
 
 
-def report(opts, bench: Bench, info: dict, started: dt.datetime, load_start, load_end, duration: float,
+def report(opts, bench: Bench, info: dict, started: dt.datetime, load_start, load_end, duration_s: float,
            apply_rows: list, tput_rows: list, size_rows: list) -> str:
-    out: list[str] = []
-    w = out.append
-    w("# Firewall benchmarks: dmzctl's nftables table vs. the original's linear iptables rules")
-    w("")
+    doc = Report()
     command = " ".join(["scripts/bench_firewall.py", *map(shlex.quote, opts.argv)])
-    w(f"Generated by `{command}` (issue 6). "
-      f"Run it again to refresh these figures; they are from one run on a shared machine.")
-    w("")
-    w("## Machine")
-    w("")
-    w("| | |")
-    w("|---|---|")
-    for key, value in info.items():
-        w(f"| {key} | {value} |")
-    w(f"| Date | {started.strftime('%Y-%m-%d %H:%M:%S %Z')} |")
-    w(f"| Load average (1/5/15 min) | at start {' '.join(f'{x:.2f}' for x in load_start)}; "
-      f"at end {' '.join(f'{x:.2f}' for x in load_end)} |")
-    w(f"| Duration | {duration:.0f} s |")
-    w("")
-    w("Other engineers run tests on this machine at the same time: the load average above and next to "
-      "each throughput figure says how busy it was. Figures are wall-clock.")
-    w("")
-    w("## Set-up")
-    w("")
-    w(f"- Each config has N protected /30 prefixes, one every {PROTECTED_STRIDE} addresses from 10.0.0.0 "
-      f"(never adjacent, so dmzctl's parse_dmz collapses none of them), and {HOLES} holes: "
-      f"`[[dmz.allow]]` tcp to the first address of prefix i mod N, port {HOLE_PORT}+i. "
-      f"DMZ {DMZ_NET} on bridge `{BRIDGE}`, gateway {GATEWAY}.")
-    w("- **(a) dmzctl**: `dmzctl.host.nft.apply(apply_batch(dmz))` timed inside a worker process in the "
-      "namespace (the DMZ is parsed before the clock starts; Python start-up is not counted).")
-    w(f"- **(b) original**: the 2008 `start_firewall()`, one `{Path(bench.iptables).name}` process per rule "
-      "run by `sh` from a script, linear rules. Rules generated (iptables syntax):")
-    w(f"  - per hole, first: `-A FORWARD|INPUT -d <hole> -i {BRIDGE} -p tcp --dport <port> -j ACCEPT` (2 rules; "
-      "the original had one DNS hole, in FORWARD only; dmzctl opens every hole for both forward and input);")
-    w(f"  - per protected prefix, 14 rules, in the original's order (each block looped over the prefixes): "
-      f"FORWARD and INPUT `-d <prefix> -i {BRIDGE} -p tcp --syn -m limit --limit 6/h --limit-burst 5 -j LOG` "
-      "and `... -p tcp --syn -j DROP`; the same pair for `-p udp`; "
-      "`-p icmp --icmp-type echo-request|redirect|router-advertisement -j DROP` (3 per chain);")
-    w(f"  - 10 fixed rules: INPUT `-d {GATEWAY}` tcp SYN LOG+DROP, udp dport 137 DROP, udp LOG+DROP, "
-      f"the 3 ICMP DROPs; anti-spoofing `! -s {DMZ_NET} -i {BRIDGE} -j DROP` in INPUT and FORWARD, last.")
-    w(f"  - In total 14·N + {2 * HOLES + 10} rules; a forwarded packet that matches none (all allowed "
-      f"traffic: the original has no ESTABLISHED shortcut) is checked against every FORWARD rule: "
-      f"7·N + {HOLES + 1}.")
-    w(f"  - (b) is stopped after {opts.iptables_cap:.0f} s per run and gets at most ~{opts.iptables_budget:.0f} s "
-      "of runs per N (another run only if it is expected to fit), so it has fewer runs at large N; a stopped "
-      "run is shown as `> cap` with how far it got, plus an estimate of the whole run: each iptables call "
-      "reads the whole ruleset, so a call costs more the more rules exist; the cost per call is measured at "
-      f"{SAMPLES} sizes between where the run stopped and the end (first k rules loaded with {Path(bench.restore).name}, "
-      f"then the next {SAMPLE_RULES} rules of the script timed, one process each) and integrated over the "
-      "rules that were left.")
-    w("- **(c) floor**: `nft -j -f batch.json` of dmzctl's own JSON batch (`apply_batch`), timed around the "
-      "`nft` process.")
-    w(f"- **(d) reference**: `{Path(bench.restore).name}` of exactly the rules of (b), one process.")
-    w("- Each run uses a fresh network namespace (created and deleted outside the timing).")
-    w("")
-    w("## 1. Apply time")
-    w("")
-    w("min / median / max per approach; ratios of medians (a/b < 1: dmzctl is faster).")
-    w("")
-    w("| N | runs a/b/c/d | (a) dmzctl apply | (b) iptables per rule | (c) nft -j -f | (d) iptables-restore "
-      "| a/b | a/c | load 1 min |")
-    w("|---:|---|---|---|---|---|---:|---:|---:|")
+    doc.add("# Firewall benchmarks: dmzctl's nftables table vs. the original's linear iptables rules",
+            f"Generated by `{command}` (issue 6). "
+            f"Run it again to refresh these figures; they are from one run on a shared machine.",
+            "## Machine")
+    doc.table(["", ""], [*info.items(),
+                         ["Date", started.strftime('%Y-%m-%d %H:%M:%S %Z')],
+                         ["Load average (1/5/15 min)", f"at start {load_average(load_start, ' ')}; "
+                                                       f"at end {load_average(load_end, ' ')}"],
+                         ["Duration", f"{duration_s:.0f} s"]])
+    doc.add("Other engineers run tests on this machine at the same time: the load average above and next to "
+            "each throughput figure says how busy it was. Figures are wall-clock.")
+    setup_section(doc, opts, bench)
+    apply_section(doc, apply_rows)
+    throughput_section(doc, opts, bench, tput_rows)
+    size_section(doc, size_rows)
+    return doc.text()
+
+
+def setup_section(doc: Report, opts, bench: Bench) -> None:
+    doc.add("## Set-up", "\n".join([
+        f"- Each config has N protected /30 prefixes, one every {PROTECTED_STRIDE} addresses from 10.0.0.0 "
+        f"(never adjacent, so dmzctl's parse_dmz collapses none of them), and {HOLES} holes: "
+        f"`[[dmz.allow]]` tcp to the first address of prefix i mod N, port {HOLE_PORT}+i. "
+        f"DMZ {DMZ_NET} on bridge `{BRIDGE}`, gateway {GATEWAY}.",
+        "- **(a) dmzctl**: `dmzctl.host.nft.apply(apply_batch(dmz))` timed inside a worker process in the "
+        "namespace (the DMZ is parsed before the clock starts; Python start-up is not counted).",
+        f"- **(b) original**: the 2008 `start_firewall()`, one `{Path(bench.iptables).name}` process per rule "
+        "run by `sh` from a script, linear rules. Rules generated (iptables syntax):",
+        f"  - per hole, first: `-A FORWARD|INPUT -d <hole> -i {BRIDGE} -p tcp --dport <port> -j ACCEPT` (2 rules; "
+        "the original had one DNS hole, in FORWARD only; dmzctl opens every hole for both forward and input);",
+        f"  - per protected prefix, 14 rules, in the original's order (each block looped over the prefixes): "
+        f"FORWARD and INPUT `-d <prefix> -i {BRIDGE} -p tcp --syn -m limit --limit 6/h --limit-burst 5 -j LOG` "
+        "and `... -p tcp --syn -j DROP`; the same pair for `-p udp`; "
+        "`-p icmp --icmp-type echo-request|redirect|router-advertisement -j DROP` (3 per chain);",
+        f"  - 10 fixed rules: INPUT `-d {GATEWAY}` tcp SYN LOG+DROP, udp dport 137 DROP, udp LOG+DROP, "
+        f"the 3 ICMP DROPs; anti-spoofing `! -s {DMZ_NET} -i {BRIDGE} -j DROP` in INPUT and FORWARD, last.",
+        f"  - In total 14·N + {2 * HOLES + 10} rules; a forwarded packet that matches none (all allowed "
+        f"traffic: the original has no ESTABLISHED shortcut) is checked against every FORWARD rule: "
+        f"7·N + {HOLES + 1}.",
+        f"  - (b) is stopped after {opts.iptables_cap:.0f} s per run and gets at most ~{opts.iptables_budget:.0f} s "
+        "of runs per N (another run only if it is expected to fit), so it has fewer runs at large N; a stopped "
+        "run is shown as `> cap` with how far it got, plus an estimate of the whole run: each iptables call "
+        "reads the whole ruleset, so a call costs more the more rules exist; the cost per call is measured at "
+        f"{SAMPLES} sizes between where the run stopped and the end (first k rules loaded with {Path(bench.restore).name}, "
+        f"then the next {SAMPLE_RULES} rules of the script timed, one process each) and integrated over the "
+        "rules that were left.",
+        "- **(c) floor**: `nft -j -f batch.json` of dmzctl's own JSON batch (`apply_batch`), timed around the "
+        "`nft` process.",
+        f"- **(d) reference**: `{Path(bench.restore).name}` of exactly the rules of (b), one process.",
+        "- Each run uses a fresh network namespace (created and deleted outside the timing).",
+    ]))
+
+
+def apply_section(doc: Report, apply_rows: list) -> None:
+    """(a) against (b), and against the floor (c): min / median / max, ratios of medians."""
+    rows = []
     for row in apply_rows:
         t = row["times"]
-        med = {k: statistics.median(v) for k, v in t.items() if v}
-        b_cell = spread(t["b"])
-        a_b = fmt_ratio(med["a"] / med["b"]) if "b" in med else "–"
+        med = {k: median(v) for k, v in t.items() if v}
+        b_cell = spread(t["b"], empty="–")
+        a_b = ratio(med["a"] / med["b"]) if "b" in med else "–"
         capped = row["b"]["capped"]
         if capped and t["b"]:  # completed runs, then one that hit the cap
-            b_cell += f" (+1 run stopped at {fmt_time(capped['seconds'])})"
+            b_cell += f" (+1 run stopped at {duration(capped['seconds'])})"
         elif capped:
             est = row["b"].get("estimate")
-            b_cell = (f"> {fmt_time(capped['seconds'])} (stopped: {capped['applied']:,} of "
-                      f"{capped['total']:,} rules" + (f"; est. ≈ {fmt_time(est)}" if est else "") + ")")
-            a_b = f"< {fmt_ratio(med['a'] / capped['seconds'])}" + (f" (≈ {fmt_ratio(med['a'] / est)})" if est else "")
+            b_cell = (f"> {duration(capped['seconds'])} (stopped: {capped['applied']:,} of "
+                      f"{capped['total']:,} rules" + (f"; est. ≈ {duration(est)}" if est else "") + ")")
+            a_b = f"< {ratio(med['a'] / capped['seconds'])}" + (f" (≈ {ratio(med['a'] / est)})" if est else "")
         runs_b = f"{len(t['b'])}" + ("+1 stopped" if capped else "")
-        w(f"| {row['n']:,} | {len(t['a'])}/{runs_b}/{len(t['c'])}/{len(t['d'])} | {spread(t['a'])} | {b_cell} "
-          f"| {spread(t['c'])} | {spread(t['d'])} | {a_b} | {fmt_ratio(med['a'] / med['c'])} | {row['load']:.2f} |")
-    w("")
-    w("## 2. Per-packet cost")
-    w("")
+        rows.append([f"{row['n']:,}", f"{len(t['a'])}/{runs_b}/{len(t['c'])}/{len(t['d'])}",
+                     spread(t["a"], empty="–"), b_cell, spread(t["c"], empty="–"), spread(t["d"], empty="–"),
+                     a_b, ratio(med["a"] / med["c"]), f"{row['load']:.2f}"])
+    doc.add("## 1. Apply time",
+            "min / median / max per approach; ratios of medians (a/b < 1: dmzctl is faster).")
+    doc.table(["N", "runs a/b/c/d", "(a) dmzctl apply", "(b) iptables per rule", "(c) nft -j -f",
+               "(d) iptables-restore", "a/b", "a/c", "load 1 min"], rows, align="rlllllrrr")
+
+
+def throughput_section(doc: Report, opts, bench: Bench, tput_rows: list) -> None:
+    """TCP and small-UDP rates through each firewall, against that N's unfiltered path."""
+    doc.add("## 2. Per-packet cost")
     if not tput_rows:
-        w("Skipped (`--no-throughput`).")
-    else:
-        w(f"iperf3 from namespace dmz ({DMZ_HOST}, on bridge `{BRIDGE}`) to namespace wan ({WAN_HOST}) "
-          "through namespace router, which holds the bridge, the routes and the firewall under test "
-          f"(nothing else). TCP: {opts.iperf_time} s, one stream, receiver's rate. UDP: "
-          f"`-u -l {opts.udp_size} -b 0` ({opts.udp_size}-byte datagrams, as fast as one sender can), "
-          f"{opts.iperf_time} s, datagrams received per second (median, and min–max over the runs; and sent: the sender's system call carries the "
-          "packet through bridge, router and firewall, so its rate shows the path's per-packet cost even when "
-          "the receiver drops). iperf3 client and server pinned to different CPUs (`-A`). "
-          f"Median of {opts.throughput_runs} run(s) each; the three firewalls take turns in each round and are "
-          "compared with that N's own unfiltered runs; \"load\" is the highest 1-minute load average seen. "
-          f"The iptables rules are loaded with {Path(bench.restore).name} here (the same rules as (b)). "
-          "\"rules per packet\": rules a forwarded packet of an allowed flow is checked against "
-          "(dmzctl: established / first packet of a flow). dmzctl's table also turns on connection tracking "
-          "in the router namespace, which the other two do not; that cost is included in its figures.")
-        w("")
-        none = [row["samples"] for row in tput_rows if row["kind"] == "none"]
-        tcp_none = [v for got in none for v in got["tcp"]]
-        udp_none = [v for got in none for v in got["udp"]]
-        w(f"Noise: over this run the unfiltered path alone measured {gbit(min(tcp_none))}–{gbit(max(tcp_none))} "
-          f"Gbit/s TCP and {min(udp_none) / 1e3:.0f}–{max(udp_none) / 1e3:.0f} kpps UDP; differences smaller than "
-          "that spread (typical at small N) are the machine's other load, not the firewall.")
-        w("")
-        w("| N | firewall | rules per packet | TCP Gbit/s | TCP vs none | UDP kpps received | UDP vs none "
-          "| UDP kpps sent | load 1 min |")
-        w("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-        base = {}
-        kpps = lambda v: f"{v / 1e3:.1f}"  # noqa: E731
-        for row in tput_rows:
-            if row["kind"] == "none":
-                base[row["n"]] = row
-            b = base[row["n"]]
-            got = row["samples"]
-            per_packet = row["per_packet"] if isinstance(row["per_packet"], str) else f"{row['per_packet']:,}"
-            w(f"| {row['n']:,} | {row['kind']} | {per_packet} | {with_range(got['tcp'], gbit)} | "
-              f"{fmt_ratio(row['tcp'] / b['tcp'])} | {with_range(got['udp'], kpps)} | "
-              f"{fmt_ratio(row['udp'] / b['udp'])} | {with_range(got['sent'], kpps)} | {row['load']:.2f} |")
-    w("")
-    w("## 3. Size")
-    w("")
-    w("Counted in the kernel after applying both firewalls in a fresh namespace "
-      "(dmzctl: `nft -j list table inet dmzctl-bench`; original: `iptables-save`). dmzctl's rules are fixed; "
-      "the prefixes are elements of the interval set `protected4`.")
-    w("")
-    w("| N | dmzctl rules | dmzctl set elements | dmzctl chains | dmzctl JSON batch | iptables rules "
-      "| iptables set elements | iptables FORWARD rules |")
-    w("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        doc.add("Skipped (`--no-throughput`).")
+        return
+    doc.add(f"iperf3 from namespace dmz ({DMZ_HOST}, on bridge `{BRIDGE}`) to namespace wan ({WAN_HOST}) "
+            "through namespace router, which holds the bridge, the routes and the firewall under test "
+            f"(nothing else). TCP: {opts.iperf_time} s, one stream, receiver's rate. UDP: "
+            f"`-u -l {opts.udp_size} -b 0` ({opts.udp_size}-byte datagrams, as fast as one sender can), "
+            f"{opts.iperf_time} s, datagrams received per second (median, and min–max over the runs; and sent: the sender's system call carries the "
+            "packet through bridge, router and firewall, so its rate shows the path's per-packet cost even when "
+            "the receiver drops). iperf3 client and server pinned to different CPUs (`-A`). "
+            f"Median of {opts.throughput_runs} run(s) each; the three firewalls take turns in each round and are "
+            "compared with that N's own unfiltered runs; \"load\" is the highest 1-minute load average seen. "
+            f"The iptables rules are loaded with {Path(bench.restore).name} here (the same rules as (b)). "
+            "\"rules per packet\": rules a forwarded packet of an allowed flow is checked against "
+            "(dmzctl: established / first packet of a flow). dmzctl's table also turns on connection tracking "
+            "in the router namespace, which the other two do not; that cost is included in its figures.")
+    none = [row["samples"] for row in tput_rows if row["kind"] == "none"]
+    tcp_none = [v for got in none for v in got["tcp"]]
+    udp_none = [v for got in none for v in got["udp"]]
+    doc.add(f"Noise: over this run the unfiltered path alone measured {gbit(min(tcp_none))}–{gbit(max(tcp_none))} "
+            f"Gbit/s TCP and {min(udp_none) / 1e3:.0f}–{max(udp_none) / 1e3:.0f} kpps UDP; differences smaller than "
+            "that spread (typical at small N) are the machine's other load, not the firewall.")
+    rows = []
+    base = {}
+    for row in tput_rows:
+        if row["kind"] == "none":
+            base[row["n"]] = row
+        b = base[row["n"]]
+        got = row["samples"]
+        per_packet = row["per_packet"] if isinstance(row["per_packet"], str) else f"{row['per_packet']:,}"
+        rows.append([f"{row['n']:,}", row["kind"], per_packet, median_range(got["tcp"], gbit),
+                     ratio(row["tcp"] / b["tcp"]), median_range(got["udp"], kpps), ratio(row["udp"] / b["udp"]),
+                     median_range(got["sent"], kpps), f"{row['load']:.2f}"])
+    doc.table(["N", "firewall", "rules per packet", "TCP Gbit/s", "TCP vs none", "UDP kpps received",
+               "UDP vs none", "UDP kpps sent", "load 1 min"], rows, align="rlrrrrrrr")
+
+
+def size_section(doc: Report, size_rows: list) -> None:
+    """Rules and set elements of both, as the kernel holds them."""
+    doc.add("## 3. Size",
+            "Counted in the kernel after applying both firewalls in a fresh namespace "
+            "(dmzctl: `nft -j list table inet dmzctl-bench`; original: `iptables-save`). dmzctl's rules are fixed; "
+            "the prefixes are elements of the interval set `protected4`.")
+    rows = []
     for row in size_rows:
         k = row["kernel"]
-        w(f"| {row['n']:,} | {k['nft_rules']:,} | {k['nft_elements']:,} | {k['nft_chains']:,} | "
-          f"{row['batch_bytes'] / 1024:,.0f} KiB | {k['ipt_rules']:,} | 0 | {k['ipt_forward']:,} |")
-    w("")
-    return "\n".join(out)
+        rows.append([f"{row['n']:,}", f"{k['nft_rules']:,}", f"{k['nft_elements']:,}", f"{k['nft_chains']:,}",
+                     f"{row['batch_bytes'] / 1024:,.0f} KiB", f"{k['ipt_rules']:,}", 0, f"{k['ipt_forward']:,}"])
+    doc.table(["N", "dmzctl rules", "dmzctl set elements", "dmzctl chains", "dmzctl JSON batch", "iptables rules",
+               "iptables set elements", "iptables FORWARD rules"], rows, align="rrrrrrrr")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -834,16 +789,12 @@ def main(argv: list[str]) -> int:
     if stale:
         log(f"note: namespaces from other runs exist (left alone): {', '.join(stale)}")
 
-    def interrupted(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
-
+    interrupt_on_signals()
     started = dt.datetime.now(dt.timezone.utc)
     load_start = os.getloadavg()
     t_start = time.monotonic()
     info = machine()
-    log(f"sizes {opts.sizes}, {opts.runs} runs; load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+    log(f"sizes {opts.sizes}, {opts.runs} runs; load average {load_average(load_start, ' ')}")
     bench = Bench(opts)
     apply_rows, tput_rows, size_rows = [], [], []
     try:
@@ -863,18 +814,14 @@ def main(argv: list[str]) -> int:
             topo = bench.topology()
             for n in opts.sizes:
                 tput_rows += bench.throughput(topo, n, inputs[n])
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         log("interrupted: cleaning up")
         return 130
     finally:
         bench.cleanup()
-    duration = time.monotonic() - t_start
-    text = report(opts, bench, info, started, load_start, os.getloadavg(), duration, apply_rows, tput_rows, size_rows)
-    output = Path(opts.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
-    print(text)
-    log(f"wrote {output} in {duration:.0f} s")
+    elapsed = time.monotonic() - t_start
+    publish(report(opts, bench, info, started, load_start, os.getloadavg(), elapsed, apply_rows, tput_rows, size_rows),
+            Path(opts.output))
     return 0
 
 

@@ -3,9 +3,9 @@
 number of the host's subnets grows.
 
 For N host subnets (0, 10, 100, 1,000, 10,000), in a throwaway network namespace (nothing on the
-host changes): how long dmzctl takes to apply the demo DMZ's table in one transaction, how many
-rules the table holds, how many elements its sets hold, and the rules a new flow to the internet
-meets (nft's own trace counts them). Prints a Markdown table; medians of --runs applies.
+host changes): how long dmzctl takes to render the demo DMZ's table and to apply it in one
+transaction, how many rules the table holds and how many elements its sets hold. Prints a
+Markdown table; medians of --runs applies.
 
     .venv/bin/python scripts/bench_implicit.py [--runs 5] [--sizes 0,10,100,1000,10000]
 """
@@ -16,13 +16,11 @@ import argparse
 import ipaddress
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import REPO, Stopwatch, ratio, repeat, summary, table
+
 NETNS = f"dmzb-implicit-{os.getpid()}"
 
 
@@ -36,31 +34,33 @@ def view_with(n: int):
 
 
 def measure(n: int, runs: int) -> dict:
+    """Inside the namespace: render the demo DMZ's batch with n host subnets, apply it `runs` times."""
     from dmzctl.config import load_dmz
     from dmzctl.host import nft
     from dmzctl.implicit import blocks_for
     from dmzctl.render.nft import apply_batch, delete_batch, table_name
 
     dmz = load_dmz(REPO / "examples" / "demo.toml")
-    began = time.perf_counter()
-    batch = apply_batch(dmz, blocks_for(dmz, view_with(n)))
-    render = time.perf_counter() - began
-    times = []
-    for _ in range(runs):
-        began = time.perf_counter()
-        nft.apply(batch)
-        times.append(time.perf_counter() - began)
+    with Stopwatch() as render:
+        batch = apply_batch(dmz, blocks_for(dmz, view_with(n)))
+    apply = summary(repeat(lambda: nft.apply(batch), runs))
     rules = sum(1 for item in batch["nftables"] if "rule" in item.get("add", {}))
     elements = sum(len(item["add"]["element"]["elem"]) for item in batch["nftables"]
                    if "element" in item.get("add", {}))
     nft.apply(delete_batch(table_name(dmz)))
-    return {"n": n, "render_ms": render * 1000, "apply_ms": statistics.median(times) * 1000,
-            "apply_min_ms": min(times) * 1000, "apply_max_ms": max(times) * 1000, "rules": rules,
+    return {"n": n, "render_ms": render.seconds * 1000, "apply_ms": apply.median * 1000,
+            "apply_min_ms": apply.min * 1000, "apply_max_ms": apply.max * 1000, "rules": rules,
             "elements": elements}
 
 
-def inside(sizes: list[int], runs: int) -> None:
-    print(json.dumps([measure(n, runs) for n in sizes]))
+def report(rows: list[dict], runs: int) -> str:
+    floor = rows[0]["apply_ms"]
+    return table(["host subnets", "set elements", "rules", "render", f"apply (median of {runs}, min-max)",
+                  "apply vs N=0"],
+                 [[f"{row['n']:,}", f"{row['elements']:,}", row["rules"], f"{row['render_ms']:.1f} ms",
+                   f"{row['apply_ms']:.1f} ms ({row['apply_min_ms']:.1f}-{row['apply_max_ms']:.1f})",
+                   f"{ratio(row['apply_ms'] / floor)}x"] for row in rows],
+                 align="rrrrrr")
 
 
 def main() -> int:
@@ -71,7 +71,7 @@ def main() -> int:
     opts = parser.parse_args()
     sizes = [int(s) for s in opts.sizes.split(",")]
     if opts.inside:
-        inside(sizes, opts.runs)
+        print(json.dumps([measure(n, opts.runs) for n in sizes]))
         return 0
     subprocess.run(["ip", "netns", "add", NETNS], check=True)
     try:
@@ -84,14 +84,7 @@ def main() -> int:
         rows = json.loads(result.stdout)
     finally:
         subprocess.run(["ip", "netns", "del", NETNS])
-    print("| host subnets | set elements | rules | render | apply (median of "
-          f"{opts.runs}, min-max) | apply vs N=0 |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    floor = rows[0]["apply_ms"]
-    for row in rows:
-        print(f"| {row['n']:,} | {row['elements']:,} | {row['rules']} | {row['render_ms']:.1f} ms | "
-              f"{row['apply_ms']:.1f} ms ({row['apply_min_ms']:.1f}-{row['apply_max_ms']:.1f}) | "
-              f"{row['apply_ms'] / floor:.2f}x |")
+    print(report(rows, opts.runs))
     return 0
 
 

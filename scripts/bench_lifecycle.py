@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fcntl
-import functools
 import ipaddress
 import json
 import os
@@ -43,7 +42,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,9 +51,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # the working tree's dmzctl, not an installed copy
+from benchlib import (REPO, Interrupted, Probe, Report, Stopwatch, Tally, cpu_model, duration,
+                      hardware_virtualization, interrupt_on_signals, kernel, load1, load_average, log, median,
+                      memory, publish, revision, spread, table, tool_version, use_working_tree)
+
+use_working_tree()
 
 DMZ_NAME = "bl"
 BRIDGE = "dmzbl0"
@@ -80,59 +80,17 @@ PID1_NOTE = ("This sandbox's PID 1 reaps exited processes ~1.4 s late (HOST-NOTE
              "normal host. That delay sits before the \"shut off\" moment, so it is in the ACPI-to-shut-off "
              "and total figures, not in the return-after-shut-off lag.")
 
-START = time.monotonic()
 CHILDREN: list[subprocess.Popen] = []  # processes this script started and has not reaped yet
 
 
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - START:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGHUP: unwind like Ctrl-C, so that clean-up runs."""
-
-
-def _on_signal(signum, _frame):
-    raise Interrupted(f"signal {signum}")
-
-
-# --- formatting -----------------------------------------------------------------------------
-
 def fmt(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "n/a"
-    if abs(seconds) >= 1:
-        return f"{seconds:.2f} s"
-    ms = seconds * 1000
-    return f"{ms:.1f} ms" if abs(ms) < 10 else f"{ms:.0f} ms"
+    """This report's times: 0.7 ms, 338 ms, 2.91 s."""
+    return duration(seconds, coarse=True)
 
 
-def triple(values: list[float]) -> str:
+def triple(values: list[Optional[float]]) -> str:
     """min / median / max."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    return f"{fmt(min(values))} / {fmt(statistics.median(values))} / {fmt(max(values))}"
-
-
-def median(values: list[float]) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def load_avg() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
-
-
-def load1() -> float:
-    return os.getloadavg()[0]
-
-
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return spread(values, fmt)
 
 
 # --- running dmzctl as a cold process ---------------------------------------------------------
@@ -299,43 +257,6 @@ class Watch:
 
 
 # --- timing around dmzctl functions ------------------------------------------------------------
-
-class Probe:
-    """Wraps named functions with timers (inclusive time and call count), restored on exit."""
-
-    def __init__(self):
-        self.totals: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self._saved: list[tuple[Any, str, Any]] = []
-        self.missing: list[str] = []
-
-    def wrap(self, owner: Any, attr: str, label: str) -> None:
-        original = getattr(owner, attr, None)
-        if original is None:  # dmzctl changed under the benchmark: that row stays empty
-            self.missing.append(f"{getattr(owner, '__name__', owner)}.{attr}")
-            return
-
-        @functools.wraps(original)
-        def timed(*args, **kwargs):
-            began = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.totals[label] = self.totals.get(label, 0.0) + time.perf_counter() - began
-                self.calls[label] = self.calls.get(label, 0) + 1
-
-        self._saved.append((owner, attr, original))
-        setattr(owner, attr, timed)
-
-    def restore(self) -> None:
-        for owner, attr, original in reversed(self._saved):
-            setattr(owner, attr, original)
-        self._saved.clear()
-
-    def reset(self) -> None:
-        self.totals.clear()
-        self.calls.clear()
-
 
 # Rows of the breakdown tables: (label, depth, description). Labels are wrapped below.
 UP_ROWS = [
@@ -758,9 +679,9 @@ class Bench:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.disk), "16M"], check=True)
         self.config.write_text(config_text(self.guest, self.disk))
         self.dmz = load_all([self.config])[0]
-        began = time.perf_counter()
-        self.virt = Virt(URI)  # the long-lived connection of the in-process variants
-        self.connect_time = time.perf_counter() - began
+        with Stopwatch() as connect:
+            self.virt = Virt(URI)  # the long-lived connection of the in-process variants
+        self.connect_time = connect.seconds
         self.host = Host(libvirt)
         self.host.refuse_foreign()
         stale = self.host.wipe()
@@ -812,10 +733,9 @@ class Bench:
         from dmzctl import lifecycle
 
         lines: list[str] = []
-        with lifecycle.dmz_lock(DMZ_NAME):
-            began = time.perf_counter()
+        with lifecycle.dmz_lock(DMZ_NAME), Stopwatch() as clock:
             lifecycle.up(self.virt, self.dmz, say=lines.append)
-            return time.perf_counter() - began
+        return clock.seconds
 
     def quick_down(self) -> None:
         """Untimed: destroy the VM at once and remove the rest (between `up` samples)."""
@@ -845,7 +765,7 @@ class Bench:
 
         variants = ["dmzctl-cli", "original-cli", "dmzctl-inproc", "original-inproc"]
         samples: dict[str, list[dict]] = {v: [] for v in variants}
-        self.loads["1"] = load_avg()
+        self.loads["1"] = load_average()
         for run in range(self.runs):
             for variant in variants:
                 self.ensure_clean()
@@ -880,7 +800,7 @@ class Bench:
                         with probed("down") as probe:
                             lifecycle.down(self.virt, self.dmz, say=say)
                     ended = time.monotonic()
-                    sample["probe"] = (dict(probe.totals), dict(probe.calls))
+                    sample["probe"] = probe.snapshot()
                     self.missing.update(probe.missing)
                     noticed = next((t for t, m in stamps if re.search(r"VM \S+ (powered off|did not)", m)), None)
                     text = "\n".join(m for _, m in stamps)
@@ -925,39 +845,32 @@ class Bench:
         import nftables
 
         lv = self.lv
-        steps: dict[str, float] = {}
+        steps = Tally()
 
-        def timed(label: str, call: Callable[[], Any]) -> Any:
-            began = time.perf_counter()
-            try:
-                return call()
-            finally:
-                steps[label] = steps.get(label, 0.0) + time.perf_counter() - began
+        def apply_nft():
+            rc, _out, err = nftables.Nftables().json_cmd(xml["nft"])
+            if rc != 0:
+                raise RuntimeError(f"nft refused the batch: {err}")
 
         began = time.perf_counter()
-        conn = timed("open connection", lambda: lv.open(URI))
+        conn = steps.time("open connection", lv.open, URI)
         try:
-            net = timed("networkDefineXML", lambda: conn.networkDefineXML(xml["network"]))
-            timed("network create (no setAutostart)", net.create)
+            net = steps.time("networkDefineXML", conn.networkDefineXML, xml["network"])
+            steps.time("network create (no setAutostart)", net.create)
             for name, filter_xml in xml["nwfilters"]:
                 if name in xml["skip_filters"]:
                     continue  # shared and already there: `up` leaves it alone too
-                timed("nwfilterDefineXML", lambda filter_xml=filter_xml: conn.nwfilterDefineXML(filter_xml))
-
-            def apply_nft():
-                rc, _out, err = nftables.Nftables().json_cmd(xml["nft"])
-                if rc != 0:
-                    raise RuntimeError(f"nft refused the batch: {err}")
-
-            timed("nft apply (libnftables json_cmd)", apply_nft)
-            dom = timed("defineXML", lambda: conn.defineXML(xml["domain"]))
-            timed("domain create", dom.create)
-            steps["total (connection open excluded)"] = time.perf_counter() - began - steps["open connection"]
+                steps.time("nwfilterDefineXML", conn.nwfilterDefineXML, filter_xml)
+            steps.time("nft apply (libnftables json_cmd)", apply_nft)
+            dom = steps.time("defineXML", conn.defineXML, xml["domain"])
+            steps.time("domain create", dom.create)
+            steps.totals["total (connection open excluded)"] = (time.perf_counter() - began
+                                                                 - steps.totals["open connection"])
             if dom.state()[0] != lv.VIR_DOMAIN_RUNNING:
                 self.notes.append("raw: the domain was not 'running' when create() returned")
         finally:
             conn.close()
-        return steps
+        return steps.totals
 
     def rendered_xml(self) -> dict:
         """What `dmzctl render` prints, split into documents; checked against what `up` builds."""
@@ -995,7 +908,7 @@ class Bench:
     def bench_up(self) -> None:
         from dmzctl import lifecycle
 
-        self.loads["2"] = load_avg()
+        self.loads["2"] = load_average()
         cli_first, cli_noop, inproc_first, inproc_noop, raw, validate, python = [], [], [], [], [], [], []
         import_bindings, import_dmzctl = [], []
         first_probes, noop_probes = [], []
@@ -1018,7 +931,7 @@ class Bench:
             with probed("up") as probe:
                 with lifecycle.dmz_lock(DMZ_NAME):
                     outcome = lifecycle.up(self.virt, self.dmz, say=lambda _m: None)
-                first_probes.append((dict(probe.totals), dict(probe.calls)))
+                first_probes.append(probe.snapshot())
                 self.missing.update(probe.missing)
                 filters_defined.append(probe.calls.get("define_nwfilter", 0))
                 inproc_first.append(probe.totals["up"])
@@ -1027,7 +940,7 @@ class Bench:
                     outcome = lifecycle.up(self.virt, self.dmz, say=lambda _m: None)
                 if outcome.changed:
                     self.notes.append(f"up run {run + 1}: the second in-process up changed {outcome.changes}")
-                noop_probes.append((dict(probe.totals), dict(probe.calls)))
+                noop_probes.append(probe.snapshot())
                 inproc_noop.append(probe.totals["up"])
             self.quick_down()
 
@@ -1064,7 +977,7 @@ class Bench:
         self.in_process_up()
         wait_ready()  # a booting guest would compete for the CPU
         time.sleep(1)
-        self.loads["3"] = load_avg()
+        self.loads["3"] = load_average()
         cli, cli_json, inproc, probes = [], [], [], []
         ok = []
         complaints: list[str] = []  # what a run that did not report "as configured" said, for the notes
@@ -1086,7 +999,7 @@ class Bench:
                 complain(f"`dmzctl status --json` exited {child.rc},", child.text() + " " + child.stderr)
             with probed("status") as probe:
                 report = status.dmz_status(self.virt, self.dmz)
-                probes.append((dict(probe.totals), dict(probe.calls)))
+                probes.append(probe.snapshot())
                 inproc.append(probe.totals["dmz_status"])
             ok.append(report.ok)
             if not report.ok:
@@ -1104,35 +1017,22 @@ class Bench:
     # -- the report
 
     def machine(self) -> list[list[str]]:
-        cpu = "unknown"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = Path("/proc/cpuinfo").read_text()
-        mem_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
         lib = self.virt.conn.getLibVersion()
         hv = self.virt.conn.getVersion()
-        qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.splitlines()
-        nft_version = subprocess.run(["nft", "--version"], capture_output=True, text=True).stdout.strip()
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "dmzctl"], capture_output=True,
-                               text=True).stdout.strip()
         others = subprocess.run(["pgrep", "-c", "-f", "qemu-system"], capture_output=True, text=True).stdout.strip()
         return [
-            ["CPU", cpu],
+            ["CPU", cpu_model()],
             ["Cores", str(os.cpu_count())],
-            ["Hardware virtualization", "yes (vmx/svm)" if (" vmx" in flags or " svm" in flags)
+            ["Hardware virtualization", "yes (vmx/svm)" if hardware_virtualization()
              else "none: guests run under TCG (domain type qemu)"],
-            ["Memory", f"{mem_kib / 1024 / 1024:.1f} GiB"],
-            ["Kernel", f"{platform.system()} {platform.release()}"],
+            ["Memory", memory()],
+            ["Kernel", kernel()],
             ["libvirt", f"{lib // 1000000}.{lib // 1000 % 1000}.{lib % 1000} (QEMU driver reports "
                         f"{hv // 1000000}.{hv // 1000 % 1000}.{hv % 1000})"],
-            ["QEMU", qemu[0] if qemu else "unknown"],
-            ["nftables", nft_version],
+            ["QEMU", tool_version(["qemu-system-x86_64", "--version"], missing="unknown")],
+            ["nftables", tool_version(["nft", "--version"])],
             ["Python", platform.python_version()],
-            ["dmzctl", f"{commit}{' with uncommitted changes in dmzctl/' if dirty else ''}"],
+            ["dmzctl", revision("dmzctl")],
             ["Date", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],
             ["Load average (1/5/15 min)", f"start {self.loads['start']}; end {self.loads['end']}"],
             ["Other QEMU processes (other engineers' VMs)", f"start {self.loads['qemu_start']}; end {others or '0'}"],
@@ -1142,8 +1042,8 @@ class Bench:
         ]
 
     def report(self) -> str:
-        blocks: list[str] = []
-        add = blocks.append
+        doc = Report()
+        add = doc.add
         quick = " --quick" if self.args.quick else ""
         add("# Lifecycle benchmark: `down`, `up`, `status`")
         add(f"Written by `scripts/bench_lifecycle.py{quick} --runs {self.runs}` (issue 3): every figure below "
@@ -1155,8 +1055,15 @@ class Bench:
             f"recorded with each section, and single runs can be far off the median.")
         add("## Machine")
         add(table(["what", "value"], self.machine()))
+        self.report_down(doc)
+        self.report_up(doc)
+        self.report_status(doc)
+        self.report_notes(doc)
+        return doc.text()
 
-        # 1 ------------------------------------------------------------------------------------
+    def report_down(self, doc: Report) -> None:
+        """1. `down`: dmzctl's event-driven wait against the original's `sleep 1` loop."""
+        add = doc.add
         down = self.results["down"]
         add("## 1. `down` after the guest powered off")
         add(f"Load average (1/5/15 min) at the start of this section: {self.loads['1']}.")
@@ -1235,7 +1142,9 @@ class Bench:
         add(table(["run", "dmzctl CLI", "original, cold", "dmzctl in-process", "original, in-process",
                    "load 1 min at each start"], rows))
 
-        # 2 ------------------------------------------------------------------------------------
+    def report_up(self, doc: Report) -> None:
+        """2. `up`'s control plane against the same libvirt calls made raw, and its breakdown."""
+        add = doc.add
         up = self.results["up"]
         add("## 2. `up` control plane (without the guest's boot)")
         add(f"Load average (1/5/15 min) at the start of this section: {self.loads['2']}.")
@@ -1301,7 +1210,9 @@ class Bench:
             "table's kernel form in a throwaway network namespace):")
         add(breakdown_table(UP_ROWS, up["noop_probes"], "up"))
 
-        # 3 ------------------------------------------------------------------------------------
+    def report_status(self, doc: Report) -> None:
+        """3. `status`, cold and in-process."""
+        add = doc.add
         st = self.results["status"]
         add("## 3. `status`")
         add(f"Load average (1/5/15 min) at the start of this section: {self.loads['3']}.")
@@ -1319,7 +1230,9 @@ class Bench:
         add("Where in-process `dmz_status` spends its time:")
         add(breakdown_table(STATUS_ROWS, st["probes"], "dmz_status"))
 
-        # notes ----------------------------------------------------------------------------------
+    def report_notes(self, doc: Report) -> None:
+        """What happened along the way, and how to read the maxima."""
+        add = doc.add
         add("## Notes")
         notes = list(self.notes) or ["Every run powered off by ACPI (none destroyed) and every teardown left "
                                      "nothing of DMZ `bl` behind."]
@@ -1335,10 +1248,9 @@ class Bench:
         notes.append("The guest sends nothing beyond its own bridge: it is never asked to, and the benchmark "
                      "makes no connection to it.")
         add("\n".join(f"- {n}" for n in notes))
-        return "\n\n".join(b.rstrip("\n") for b in blocks) + "\n"
 
     def run(self) -> str:
-        self.loads["start"] = load_avg()
+        self.loads["start"] = load_average()
         self.loads["hooks_start"] = hooks()
         self.loads["qemu_start"] = subprocess.run(["pgrep", "-c", "-f", "qemu-system"], capture_output=True,
                                                   text=True).stdout.strip() or "0"
@@ -1350,7 +1262,7 @@ class Bench:
         self.bench_up()
         log("3/3 status")
         self.bench_status()
-        self.loads["end"] = load_avg()
+        self.loads["end"] = load_average()
         return self.report()
 
 
@@ -1379,8 +1291,7 @@ def main() -> int:
     except BlockingIOError:
         print(f"bench_lifecycle: another run holds {BENCH_LOCK}", file=sys.stderr)
         return 3
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    interrupt_on_signals()
 
     bench = Bench(args)
     try:
@@ -1400,10 +1311,7 @@ def main() -> int:
             except OSError:
                 pass
             lock.close()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text, end="")
-    log(f"wrote {args.output}")
+    publish(text, args.output)
     return 0
 
 
