@@ -260,40 +260,40 @@ class Watch:
 
 # Rows of the breakdown tables: (label, depth, description). Labels are wrapped below.
 UP_ROWS = [
-    ("up", 0, "lifecycle.up, in-process (connection already open)"),
+    ("up", 0, "ops.lifecycle.up, in-process (connection already open)"),
     ("build", 1, "render network, nwfilter, domain XML and nft table (desired.build)"),
-    ("host_facts", 1, "host facts (lifecycle.host_facts)"),
+    ("host_facts", 1, "host facts (ops.common.host_facts)"),
     ("kvm_usable", 2, "getCapabilities + /proc/cpuinfo (Virt.kvm_usable)"),
     ("preflight", 1, "ownership checks, bridge scan, file checks (lifecycle.preflight)"),
     ("check_disks", 2, "qcow2 headers against the config (images.check_disks)"),
     ("network_of_bridge", 2, "listAllNetworks + bridgeName of each (Virt.network_of_bridge)"),
-    ("_up_network", 1, "network (lifecycle._up_network)"),
+    ("_up_network", 1, "network (ops.lifecycle._up_network)"),
     ("define_network", 2, "networkDefineXML (Virt.define_network)"),
     ("start_network", 2, "network create + setAutostart (Virt.start_network)"),
-    ("_up_nwfilters", 1, "nwfilters (lifecycle._up_nwfilters)"),
+    ("_up_nwfilters", 1, "nwfilters (ops.lifecycle._up_nwfilters)"),
     ("nwfilter_xml", 2, "nwfilterLookupByName + XMLDesc, to compare (Virt.nwfilter_xml)"),
     ("define_nwfilter", 2, "nwfilterDefineXML (Virt.define_nwfilter)"),
-    ("apply_firewall", 1, "nft table (lifecycle.apply_firewall)"),
-    ("firewall_in_sync", 2, "compare live table with the config (lifecycle.firewall_in_sync)"),
-    ("kernel_form", 3, "kernel form via `unshare --net` + 2 nft runs (nft.kernel_form)"),
+    ("apply_firewall", 1, "nft table (ops.lifecycle.apply_firewall)"),
+    ("observe_table", 1, "compare live table with the config (state.observe_table)"),
+    ("kernel_form", 2, "kernel form via `unshare --net` + 2 nft runs (nft.kernel_form)"),
     ("nft.apply", 2, "libnftables json_cmd of the batch (nft.apply)"),
     ("table_exists", 1, "`list table` checks, all calls (nft.table_exists)"),
     ("domain_info", 1, "lookup + state + XMLDesc + autostart, all calls: preflight and domain step (Virt.domain_info)"),
-    ("_up_domain", 1, "domain (lifecycle._up_domain)"),
+    ("_up_domain", 1, "domain (ops.lifecycle._up_domain)"),
     ("define_domain", 2, "defineXML (Virt.define_domain)"),
     ("start_domain", 2, "create, then wait for 'running' (Virt.start_domain)"),
     ("events.record", 1, "event log + syslog lines (events.record)"),
 ]
 
 DOWN_ROWS = [
-    ("down", 0, "lifecycle.down, in-process (connection already open)"),
+    ("down", 0, "ops.lifecycle.down, in-process (connection already open)"),
     ("domains_of", 1, "find the DMZ's domains: listAllDomains + XMLDesc each (virt.domains_of)"),
     ("domain_info", 1, "lookup + state + XMLDesc + autostart, all calls (Virt.domain_info)"),
-    ("stop_domains", 1, "ACPI shutdown and the wait (lifecycle.stop_domains)"),
+    ("stop_domains", 1, "ACPI shutdown and the wait (ops.lifecycle.stop_domains)"),
     ("shutdown_domain", 2, "shutdownFlags(ACPI power button) (Virt.shutdown_domain)"),
     ("wait_for", 2, "the event-driven wait until shut off (Virt.wait_for; includes the ~1.4 s late reaping)"),
     ("undefine_domain", 1, "undefine the domain (Virt.undefine_domain)"),
-    ("_remove_nwfilters", 1, "nwfilters (lifecycle._remove_nwfilters)"),
+    ("_remove_nwfilters", 1, "nwfilters (ops.lifecycle._remove_nwfilters)"),
     ("undefine_nwfilter", 2, "nwfilterLookupByName + undefine (Virt.undefine_nwfilter)"),
     ("remove_network", 1, "network destroy + undefine (Virt.remove_network)"),
     ("table_exists", 1, "`list table` (nft.table_exists)"),
@@ -302,12 +302,12 @@ DOWN_ROWS = [
 ]
 
 STATUS_ROWS = [
-    ("dmz_status", 0, "status.dmz_status, in-process (connection already open)"),
+    ("dmz_status", 0, "ops.inspect.dmz_status, in-process (connection already open)"),
     ("build", 1, "render the desired state (desired.build)"),
-    ("host_facts", 1, "host facts (lifecycle.host_facts)"),
+    ("host_facts", 1, "host facts (ops.common.host_facts)"),
     ("kvm_usable", 2, "getCapabilities + /proc/cpuinfo (Virt.kvm_usable)"),
     ("table_exists", 1, "`list table` (nft.table_exists)"),
-    ("firewall_in_sync", 1, "compare live table with the config (lifecycle.firewall_in_sync)"),
+    ("observe_table", 1, "compare live table with the config (state.observe_table)"),
     ("list_table", 2, "libnftables `list table` as JSON (nft.list_table)"),
     ("kernel_form", 2, "kernel form via `unshare --net` + 2 nft runs (nft.kernel_form)"),
     ("domain_info", 1, "lookup + state + XMLDesc + autostart (Virt.domain_info)"),
@@ -317,15 +317,16 @@ STATUS_ROWS = [
 
 @contextmanager
 def probed(kind: str):
-    from dmzctl import events, lifecycle, status
+    from dmzctl import events, state
     from dmzctl.host import images, nft
     from dmzctl.host.virt import Virt
+    from dmzctl.ops import common, inspect as status, lifecycle
 
     probe = Probe()
     try:
         if kind == "down":
             probe.wrap(lifecycle, "down", "down")
-            probe.wrap(lifecycle, "domains_of", "domains_of")
+            probe.wrap(Virt, "domains_of", "domains_of")
             probe.wrap(lifecycle, "stop_domains", "stop_domains")
             probe.wrap(Virt, "shutdown_domain", "shutdown_domain")
             probe.wrap(Virt, "wait_for", "wait_for")
@@ -337,13 +338,13 @@ def probed(kind: str):
             probe.wrap(events, "record", "events.record")
         elif kind == "up":
             probe.wrap(lifecycle, "up", "up")
-            probe.wrap(lifecycle, "build", "build")
-            probe.wrap(lifecycle, "host_facts", "host_facts")
-            probe.wrap(lifecycle, "preflight", "preflight")
+            probe.wrap(common, "build", "build")
+            probe.wrap(common, "host_facts", "host_facts")
+            probe.wrap(common, "preflight", "preflight")
             probe.wrap(lifecycle, "_up_network", "_up_network")
             probe.wrap(lifecycle, "_up_nwfilters", "_up_nwfilters")
             probe.wrap(lifecycle, "apply_firewall", "apply_firewall")
-            probe.wrap(lifecycle, "firewall_in_sync", "firewall_in_sync")
+            probe.wrap(state, "observe_table", "observe_table")
             probe.wrap(lifecycle, "_up_domain", "_up_domain")
             probe.wrap(Virt, "network_of_bridge", "network_of_bridge")
             probe.wrap(Virt, "define_network", "define_network")
@@ -356,9 +357,9 @@ def probed(kind: str):
             probe.wrap(events, "record", "events.record")
         else:
             probe.wrap(status, "dmz_status", "dmz_status")
-            probe.wrap(status, "build", "build")
-            probe.wrap(status, "host_facts", "host_facts")
-            probe.wrap(status, "firewall_in_sync", "firewall_in_sync")
+            probe.wrap(common, "build", "build")
+            probe.wrap(common, "host_facts", "host_facts")
+            probe.wrap(state, "observe_table", "observe_table")
             probe.wrap(nft, "list_table", "list_table")
             probe.wrap(Virt, "dhcp_leases", "dhcp_leases")
         probe.wrap(Virt, "kvm_usable", "kvm_usable")
@@ -633,17 +634,20 @@ def original_stop(virt, dmz, say: Callable[[str], None]) -> None:
 def original_down_worker(config: str) -> int:
     # The same imports and connection set-up as `dmzctl down`, so the cold start costs the same.
     import dmzctl.cli  # noqa: F401  (typer and the rest, as the CLI loads them)
-    from dmzctl import lifecycle
     from dmzctl.config import load_all
+    from dmzctl.host.lock import dmz_lock
     from dmzctl.host.virt import Virt
+    from dmzctl.ops import lifecycle
+    from dmzctl.settings import Settings
 
     def say(message: str) -> None:
         print(message, flush=True)
 
     dmz = load_all([Path(config)])[0]
-    with Virt(URI) as virt, lifecycle.dmz_lock(dmz.name, say=say):
+    settings = Settings.from_environment(uri=URI)
+    with Virt(URI) as virt, dmz_lock(settings.run_dir, dmz.name, say=say):
         original_stop(virt, dmz, say)
-        lifecycle.down(virt, dmz, say=say)  # the domain is off now: this is the teardown only
+        lifecycle.down(virt, dmz, settings, say=say)  # the domain is off now: this is the teardown only
     return 0
 
 
@@ -679,6 +683,9 @@ class Bench:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.disk), "16M"], check=True)
         self.config.write_text(config_text(self.guest, self.disk))
         self.dmz = load_all([self.config])[0]
+        from dmzctl.settings import Settings
+
+        self.settings = Settings.from_environment(uri=URI)
         with Stopwatch() as connect:
             self.virt = Virt(URI)  # the long-lived connection of the in-process variants
         self.connect_time = connect.seconds
@@ -730,20 +737,22 @@ class Bench:
     # -- helpers
 
     def in_process_up(self) -> float:
-        from dmzctl import lifecycle
+        from dmzctl.host.lock import dmz_lock
+        from dmzctl.ops import lifecycle
 
         lines: list[str] = []
-        with lifecycle.dmz_lock(DMZ_NAME), Stopwatch() as clock:
-            lifecycle.up(self.virt, self.dmz, say=lines.append)
+        with dmz_lock(self.settings.run_dir, DMZ_NAME), Stopwatch() as clock:
+            lifecycle.up(self.virt, self.dmz, self.settings, say=lines.append)
         return clock.seconds
 
     def quick_down(self) -> None:
         """Untimed: destroy the VM at once and remove the rest (between `up` samples)."""
-        from dmzctl import lifecycle
+        from dmzctl.host.lock import dmz_lock
+        from dmzctl.ops import lifecycle
 
-        with lifecycle.dmz_lock(DMZ_NAME):
-            lifecycle.kill(self.virt, self.dmz, say=lambda _m: None)
-            lifecycle.down(self.virt, self.dmz, timeout=0, say=lambda _m: None)
+        with dmz_lock(self.settings.run_dir, DMZ_NAME):
+            lifecycle.kill(self.virt, self.dmz, self.settings, say=lambda _m: None)
+            lifecycle.down(self.virt, self.dmz, self.settings, timeout=0, say=lambda _m: None)
         left = self.host.ours()
         if left:
             self.notes.append(f"after a teardown: {', '.join(left)} still there; wiped")
@@ -761,7 +770,8 @@ class Bench:
     # -- 1. down
 
     def bench_down(self) -> None:
-        from dmzctl import lifecycle
+        from dmzctl.host.lock import dmz_lock
+        from dmzctl.ops import lifecycle
 
         variants = ["dmzctl-cli", "original-cli", "dmzctl-inproc", "original-inproc"]
         samples: dict[str, list[dict]] = {v: [] for v in variants}
@@ -794,11 +804,11 @@ class Bench:
                     def say(message: str) -> None:
                         stamps.append((time.monotonic(), message))
 
-                    with lifecycle.dmz_lock(DMZ_NAME):
+                    with dmz_lock(self.settings.run_dir, DMZ_NAME):
                         if variant == "original-inproc":
                             original_stop(self.virt, self.dmz, say)
                         with probed("down") as probe:
-                            lifecycle.down(self.virt, self.dmz, say=say)
+                            lifecycle.down(self.virt, self.dmz, self.settings, say=say)
                     ended = time.monotonic()
                     sample["probe"] = probe.snapshot()
                     self.missing.update(probe.missing)
@@ -906,7 +916,8 @@ class Bench:
                 "skip_filters": skip}
 
     def bench_up(self) -> None:
-        from dmzctl import lifecycle
+        from dmzctl.host.lock import dmz_lock
+        from dmzctl.ops import lifecycle
 
         self.loads["2"] = load_average()
         cli_first, cli_noop, inproc_first, inproc_noop, raw, validate, python = [], [], [], [], [], [], []
@@ -929,15 +940,15 @@ class Bench:
             self.ensure_clean()
             remove_serial_log()
             with probed("up") as probe:
-                with lifecycle.dmz_lock(DMZ_NAME):
-                    outcome = lifecycle.up(self.virt, self.dmz, say=lambda _m: None)
+                with dmz_lock(self.settings.run_dir, DMZ_NAME):
+                    outcome = lifecycle.up(self.virt, self.dmz, self.settings, say=lambda _m: None)
                 first_probes.append(probe.snapshot())
                 self.missing.update(probe.missing)
                 filters_defined.append(probe.calls.get("define_nwfilter", 0))
                 inproc_first.append(probe.totals["up"])
                 probe.reset()
-                with lifecycle.dmz_lock(DMZ_NAME):
-                    outcome = lifecycle.up(self.virt, self.dmz, say=lambda _m: None)
+                with dmz_lock(self.settings.run_dir, DMZ_NAME):
+                    outcome = lifecycle.up(self.virt, self.dmz, self.settings, say=lambda _m: None)
                 if outcome.changed:
                     self.notes.append(f"up run {run + 1}: the second in-process up changed {outcome.changes}")
                 noop_probes.append(probe.snapshot())
@@ -970,7 +981,8 @@ class Bench:
     # -- 3. status
 
     def bench_status(self) -> None:
-        from dmzctl import lifecycle, status
+        from dmzctl.host.lock import dmz_lock
+        from dmzctl.ops import inspect as status, lifecycle
 
         self.ensure_clean()
         remove_serial_log()
@@ -998,7 +1010,7 @@ class Bench:
             if child.rc != 0:
                 complain(f"`dmzctl status --json` exited {child.rc},", child.text() + " " + child.stderr)
             with probed("status") as probe:
-                report = status.dmz_status(self.virt, self.dmz)
+                report = status.dmz_status(self.virt, self.dmz, self.settings)
                 probes.append(probe.snapshot())
                 inproc.append(probe.totals["dmz_status"])
             ok.append(report.ok)
@@ -1008,9 +1020,9 @@ class Bench:
             self.notes.append(f"status: {len(complaints)} of {len(ok)} status calls did not report the DMZ as "
                               f"configured (timed all the same): " + "; ".join(complaints[:3]))
         log(f"status: CLI median {fmt(median(cli))}, in-process median {fmt(median(inproc))}")
-        with lifecycle.dmz_lock(DMZ_NAME):
-            lifecycle.kill(self.virt, self.dmz, say=lambda _m: None)
-            lifecycle.down(self.virt, self.dmz, timeout=0, say=lambda _m: None)
+        with dmz_lock(self.settings.run_dir, DMZ_NAME):
+            lifecycle.kill(self.virt, self.dmz, self.settings, say=lambda _m: None)
+            lifecycle.down(self.virt, self.dmz, self.settings, timeout=0, say=lambda _m: None)
         self.results["status"] = {"cli": cli, "cli_json": cli_json, "inproc": inproc, "probes": probes,
                                   "all_ok": all(ok)}
 
