@@ -25,6 +25,12 @@ def _comparable(live_xml: str, want_xml: str) -> tuple[list[str], list[str]]:
             for key in ("digest", "hash"):  # the file's bytes, not what it says
                 owned.attrib.pop(key, None)
     _prune(live, want)
+    for root in (live, want):
+        for node in root.iter():  # what pruning leaves of indentation is no difference
+            if node.text is not None and not node.text.strip():
+                node.text = None
+            if node.tail is not None and not node.tail.strip():
+                node.tail = None
     return to_string(live).splitlines(), to_string(want).splitlines()
 
 

@@ -101,7 +101,8 @@ def test_missing_hooks_are_a_problem_and_check_fix_restores_them(dmz):
     try:
         status = dmzctl("status", str(dmz["config"]), env=REAL)
         assert status.returncode != 0, status.stdout
-        assert "hooks     missing" in status.stdout and "libvirt hooks missing" in status.stdout, status.stdout
+        assert "hooks     missing" in status.stdout, status.stdout
+        assert f"libvirt hook {OURS[0]}: missing" in status.stdout, status.stdout
         check = dmzctl("check", str(dmz["config"]), "--json", env=REAL)
         assert check.returncode == 1
         shorts = {d["short"] for d in json.loads(check.stdout)["dmzs"][0]["differences"]}

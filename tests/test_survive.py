@@ -2,9 +2,9 @@
 
 One DMZ `svdmz` with the real test guest `sv-web` (10.251.0.10, fdd0:251::10) serves the
 whole module; each test leaves it up. A network namespace `svprot` plays the protected LAN:
-a listener answers on TCP 8080 at 10.252.0.2 / fdd0:252::2 (protected) and at 10.252.0.200 /
-fdd0:252::8000:0:0:200 (outside the protected prefixes: the control that proves the path
-works). Packets go from inside the guest (its command server) only to that namespace and
+a listener answers on TCP 8080 at 10.252.0.2 / fdd0:252::2 (protected) and at 198.18.52.200 /
+2001:db8:52::200, routed by the host through the namespace (beyond the host and not private: the
+control that proves the path works; the namespace's own link is blocked as a host subnet). Packets go from inside the guest (its command server) only to that namespace and
 the host. Everything is removed at the end, also when a test fails.
 """
 
@@ -33,7 +33,8 @@ GATEWAY = "10.251.0.1/24"
 GATEWAY6 = "fdd0:251::1/64"
 NETNS = "svprot"
 PROTECTED = ["10.252.0.2", "fdd0:252::2"]
-CONTROL = ["10.252.0.200", "fdd0:252::8000:0:0:200"]
+CONTROL = ["198.18.52.200", "2001:db8:52::200"]
+BEYOND = [("198.18.52.0/24", "10.252.0.2"), ("2001:db8:52::/64", "fdd0:252::2")]
 PORT = 8080
 TABLE = f"dmzctl-{DMZ}"
 MEASURED = Path(os.environ.get("DMZCTL_MEASURE_DIR", "/tmp")) / "dmzctl-survive-measured.json"
@@ -85,13 +86,15 @@ def make_world(log: Path) -> subprocess.Popen:
     run("ip", "link", "set", "svp-h", "up")
     inside = ["ip", "netns", "exec", NETNS]
     run(*inside, "ip", "link", "set", "lo", "up")
-    for address in ("10.252.0.2/24", "10.252.0.200/24"):
+    for address in ("10.252.0.2/24", "198.18.52.200/32"):
         run(*inside, "ip", "addr", "add", address, "dev", "svp-n")
-    for address in ("fdd0:252::2/64", "fdd0:252::8000:0:0:200/64"):
+    for address in ("fdd0:252::2/64", "2001:db8:52::200/128"):
         run(*inside, "ip", "-6", "addr", "add", address, "dev", "svp-n", "nodad")
     run(*inside, "ip", "link", "set", "svp-n", "up")
     run(*inside, "ip", "route", "add", "default", "via", "10.252.0.1")
     run(*inside, "ip", "-6", "route", "add", "default", "via", "fdd0:252::1")
+    for prefix, via in BEYOND:
+        run("ip", "-6" if ":" in prefix else "-4", "route", "replace", prefix, "via", via)
     listener = subprocess.Popen([*inside, "/usr/bin/python3", "-c", LISTENER, str(log), str(PORT)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert listener.stdout.readline().strip() == "listening", listener.stderr.read()
@@ -99,6 +102,8 @@ def make_world(log: Path) -> subprocess.Popen:
 
 
 def remove_world() -> None:
+    for prefix, _via in BEYOND:
+        subprocess.run(["ip", "-6" if ":" in prefix else "-4", "route", "del", prefix], capture_output=True)
     subprocess.run(["ip", "netns", "pids", NETNS], capture_output=True)
     subprocess.run(["ip", "link", "del", "svp-h"], capture_output=True)
     subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
