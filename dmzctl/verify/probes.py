@@ -86,10 +86,10 @@ class Probe:
 
 
 def sample_address(net, hosts: Iterable = (), first: int = 1):
-    """The address a prefix is probed by: its preferred sample, else the first usable one from offset
-    `first` on that is not one of `hosts` (a host address is judged by the to-host rules, and its row
-    would not test the prefix); None when the prefix holds nothing else (a /32 that is the host's).
-    With no hosts: the first usable address (the address itself for a host prefix)."""
+    """The address a prefix is probed by, for protected and implicitly blocked prefixes alike: its
+    preferred sample, else the first usable one from offset `first` on (the address itself for a host
+    prefix) that is not one of `hosts`. A host address is judged by the to-host rules, and its row would
+    not test the prefix. None when the prefix holds nothing else (a /32 that is the host's)."""
     hosts = set(hosts)
     preferred = PREFERRED_SAMPLES.get(net)
     if preferred is not None and preferred not in hosts:
