@@ -21,8 +21,10 @@ import pytest
 
 import netns
 from netns import INTERNET
-from dmzctl.config import load_dmz
+from dmzctl.config import load_dmz, parse_dmz
+from dmzctl.explain import host_address_set
 from dmzctl.verify import (Probe, choose_addresses, host_addresses_from_ip_json, plan, sample_address)
+from dmzctl.verify.probes import IMPLICIT_KINDS, implicit_destinations, stay_on_this_host
 
 CONFIGS = Path(__file__).parent / "configs" / "isolation"
 OPEN = CONFIGS / "open.toml"
@@ -45,18 +47,19 @@ def test_plan_probes_samples_host_holes_and_targets_with_the_policy_s_expectatio
     targets = [(ipaddress.ip_address(INTERNET[0]), 80)]
     probes, notes = plan(dmz, SRC4, SRC6, ["10.232.0.1", "fdd0:232::1", "10.233.0.1"], targets, True)
     destinations = {str(p.dst) for p in probes if p.kind != "private"}
-    # Only the protected samples, hole destinations, the host, the explicit target and one sample of each
-    # implicit block: never anything else.
-    assert destinations == {"10.232.0.1", "fdd0:232::1", "10.232.0.53", "10.232.0.10", "10.232.0.25",
-                            "fdd0:232::25", "fdd0:232::10", "10.231.0.1", "fdd0:231::1", "10.233.0.1",
-                            INTERNET[0]}
+    # Only the protected samples (not the host's own 10.232.0.1 and fdd0:232::1), hole destinations, the host,
+    # the explicit target and one sample of each implicit block: never anything else.
+    assert destinations == {"10.232.0.2", "fdd0:232::2", "10.232.0.1", "fdd0:232::1", "10.232.0.53",
+                            "10.232.0.10", "10.232.0.25", "fdd0:232::25", "fdd0:232::10", "10.231.0.1",
+                            "fdd0:231::1", "10.233.0.1", INTERNET[0]}
     private = _by(probes, "private")
     assert {str(p.dst) for p in private} == {"10.0.0.2", "172.16.0.2", "192.168.0.2", "100.64.0.2",
                                             "169.254.169.254", "fc00::2"}
     assert all(p.expected.decided_by == "private" and not p.expected.allowed for p in private)
     assert "private range 10.0.0.0/8" in next(p.note for p in private if str(p.dst) == "10.0.0.2")
-    assert {p.dst for p in _by(probes, "protected")} == {sample_address(n) for n in dmz.protected}
-    assert all(not p.expected.allowed for p in _by(probes, "protected"))
+    hosts = host_address_set(dmz, ["10.232.0.1", "fdd0:232::1", "10.233.0.1"])
+    assert {p.dst for p in _by(probes, "protected")} == {sample_address(n, hosts) for n in dmz.protected}
+    assert all(p.expected.decided_by == "protected" and not p.expected.allowed for p in _by(probes, "protected"))
     assert all(not p.expected.allowed for p in _by(probes, "hole-edge")), "nothing broader than a hole"
     holes = {(str(p.dst), p.proto, p.port): p.expected for p in _by(probes, "hole")}
     assert holes[("10.232.0.53", "udp", 53)].allowed and holes[("10.232.0.53", "udp", 53)].origin == "dns"
@@ -75,6 +78,59 @@ def test_plan_without_targets_says_egress_was_not_probed_and_closed_blocks_targe
     assert any("egress" in n and "--target" in n for n in notes)
     probes, notes = plan(dmz, SRC4, SRC6, (), [(ipaddress.ip_address(INTERNET[1]), None)])
     assert [p.expected.decided_by for p in _by(probes, "target")] == ["egress", "egress"]
+
+
+def _vpk_dmz(protected: list[str]):
+    """A DMZ of this file's own (pure: never brought up)."""
+    return parse_dmz({"dmz": {"name": "vpk-plan", "gateway": "10.226.0.1/24", "gateway6": "fdd0:226::1/64",
+                              "protected": protected, "egress": "any"}})
+
+
+def test_protected_samples_are_not_the_host_s_own_addresses():
+    dmz = _vpk_dmz(["10.226.1.0/24", "10.226.2.1/32", "fdd0:226:1::/64"])
+    hosts = ["10.226.1.1", "10.226.2.1", "fdd0:226:1::1"]
+    probes, notes = plan(dmz, ipaddress.ip_address("10.226.0.200"), ipaddress.ip_address("fdd0:226::200"), hosts)
+    protected = _by(probes, "protected")
+    # The host's own address in a protected subnet is judged by the to-host rules: the sample avoids it.
+    assert {str(p.dst) for p in protected} == {"10.226.1.2", "fdd0:226:1::2"}
+    assert all(p.expected.decided_by == "protected" for p in protected)
+    assert {p.kind for p in probes if str(p.dst) in hosts} == {"host"}
+    # A protected /32 that is the host's holds nothing else: not probed as such, and said so.
+    assert [n for n in notes if "10.226.2.1/32" in n] == [
+        "protected 10.226.2.1/32 not probed as such: it holds only the host's own addresses (the host's rows "
+        "probe them)"]
+    net = ipaddress.ip_network("10.226.1.0/24")
+    assert sample_address(net) == ipaddress.ip_address("10.226.1.1")
+    assert sample_address(net, {ipaddress.ip_address("10.226.1.1")}) == ipaddress.ip_address("10.226.1.2")
+    assert sample_address(ipaddress.ip_network("10.226.2.1/32"), {ipaddress.ip_address("10.226.2.1")}) is None
+
+
+def test_every_target_has_rows_of_its_own():
+    """A target equal to a hole's destination (or to a protected sample) still gets its tcp and icmp rows."""
+    dmz = load_dmz(OPEN)
+    hole, sample = ipaddress.ip_address("10.232.0.25"), ipaddress.ip_address("10.232.0.2")
+    targets = [(hole, 25), (sample, 22), (hole, 25)]
+    probes, _ = plan(dmz, SRC4, SRC6, ["10.232.0.1", "fdd0:232::1"], targets)
+    rows = [(p.dst, p.proto, p.port) for p in _by(probes, "target")]
+    assert rows == [(hole, "tcp", 25), (hole, "icmp", None), (sample, "tcp", 22), (sample, "icmp", None)]
+    assert [(p.dst, p.port) for p in _by(probes, "hole") if p.dst == hole] == [(hole, 25)]
+    assert {(p.proto, p.port) for p in _by(probes, "protected") if p.dst == sample} == {("tcp", 22), ("udp", 53),
+                                                                                 ("icmp", None)}
+    assert len({p.id for p in probes}) == len(probes)
+
+
+def test_stay_on_this_host_keeps_only_samples_on_the_host_s_links():
+    dmz = load_dmz(OPEN)
+    probes, _ = plan(dmz, SRC4, SRC6)
+    implicit = implicit_destinations(probes)
+    assert implicit and all(p.kind in IMPLICIT_KINDS for p in probes if p.dst in implicit)
+    linked, routed = implicit[0], implicit[1]
+    routes = {linked: {"dst": str(linked), "dev": "vpk0"}, routed: {"gateway": "10.226.0.254", "dev": "vpk1"}}
+    kept, notes = stay_on_this_host(probes, routes)
+    assert {p.dst for p in kept if p.kind in IMPLICIT_KINDS} == {linked}
+    assert [p for p in probes if p.kind not in IMPLICIT_KINDS] == [p for p in kept if p.kind not in IMPLICIT_KINDS]
+    assert sum(f"{routed} via 10.226.0.254 on vpk1, beyond this machine" in n for n in notes) == 1
+    assert len(notes) == len(implicit) - 1, "one note per destination not probed (no route: nowhere)"
 
 
 def test_probe_status():
@@ -110,6 +166,19 @@ def test_choose_addresses_takes_the_top_of_the_static_half_and_avoids_what_is_in
     assert (str(src4), str(src6)) == ("10.231.0.127", "fdd0:231::ffff:ffff:ffff:fffe")
     src4, src6 = choose_addresses(dmz, {ipaddress.ip_address("10.231.0.127"), src6})
     assert (str(src4), str(src6)) == ("10.231.0.126", "fdd0:231::ffff:ffff:ffff:fffd")
+
+
+def test_a_failing_bridge_or_ip_call_is_one_line_host_error():
+    """ProbeNamespace's calls (`bridge link set ... isolated on` among them) check their return code."""
+    from dmzctl.errors import HostError
+    from dmzctl.host.netns import _run
+
+    with pytest.raises(HostError) as failed:
+        _run("bridge", "link", "set", "dev", "vpk-none0", "isolated", "on")  # no such device: changes nothing
+    assert str(failed.value).startswith("`bridge link set dev vpk-none0 isolated on` failed: ")
+    assert "\n" not in str(failed.value)
+    with pytest.raises(HostError, match="vpk-no-such-tool"):
+        _run("vpk-no-such-tool")
 
 
 # --- live -----------------------------------------------------------------------------
@@ -241,8 +310,13 @@ def test_verify_fails_when_the_table_is_deleted_while_it_runs(up):
     assert not report["ok"]
     assert any("vanished" in p for p in report["problems"]), report["problems"]
     mismatched = [p for p in report["probes"] if p["status"] == "MISMATCH"]
-    # Without the table the protected LAN and the host answer: the probes say so.
-    assert any(p["kind"] == "protected" for p in mismatched) and any(p["kind"] == "host" for p in mismatched)
+    # Without the table the protected LAN and the host answer: the probes say so. (The LAN's answers come
+    # from its hosts behind the holes, 10.232.0.10 and .25, probed beside and outside their holes; the
+    # protected sample 10.232.0.2 is nobody in this world, and the host's "host unreachable" for it comes
+    # only when ARP gives up, ~3 s, after this test's 1.5 s.)
+    lan = ipaddress.ip_network("10.232.0.0/24")
+    assert any(p["kind"] in ("hole", "hole-edge") and ipaddress.ip_address(p["dst"]) in lan for p in mismatched)
+    assert any(p["kind"] == "host" for p in mismatched)
     assert _gone(process.pid)
 
 
@@ -256,7 +330,7 @@ def _agent_running(pid: int) -> bool:
             argv = Path(f"/proc/{agent}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"dmzctl.verify" in argv:
+        if b"dmzctl.verify.agent" in argv:
             return True
     return False
 
