@@ -46,6 +46,9 @@ from .order import ORDER, rule_kind  # noqa: F401
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
+__all__ = ["ORDER", "PORT_PROTOS", "PROTO_NAMES", "PROTO_NUMBERS", "Decision", "ExplainError", "Flow", "explain",
+           "format_decision", "host_address_set", "make_flow", "parse_proto", "parse_target", "rule_kind"]
+
 ND_TYPES = {133: "nd-router-solicit", 135: "nd-neighbor-solicit", 136: "nd-neighbor-advert"}
 
 LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")

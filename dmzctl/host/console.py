@@ -1,10 +1,8 @@
 """A VM's serial console through `virsh console`, as a child that never outlives dmzctl.
 
-virsh prints libvirt's "Authorization not available. Check if polkit service is
-running..." on hosts without polkit (a warning, not an error): that noise is left out,
-everything else it says on stderr is passed on. SIGTERM, SIGHUP and SIGINT are
-forwarded to the child; when dmzctl ends for any reason, the child is ended too (one
-was seen ignoring SIGTERM for over 10 minutes: it gets SIGKILL after a grace period).
+SIGTERM, SIGHUP and SIGINT are forwarded to the child; when dmzctl ends for any reason,
+the child is ended too (one was seen ignoring SIGTERM for over 10 minutes: it gets
+SIGKILL after a grace period).
 """
 
 from __future__ import annotations
@@ -12,21 +10,11 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 
 from ..errors import DmzctlError
 
-NOISE = ("Authorization not available", "polkit")
 GRACE = 3.0  # seconds between SIGTERM and SIGKILL for a child that does not end
-
-
-def _pass_stderr(stream) -> None:
-    for line in stream:
-        if not any(word in line for word in NOISE):
-            sys.stderr.write(line)
-            sys.stderr.flush()
 
 
 def attach(uri: str, name: str) -> int:
@@ -34,9 +22,9 @@ def attach(uri: str, name: str) -> int:
     virsh = shutil.which("virsh")
     if virsh is None:
         raise DmzctlError("virsh is needed for the console: apt-get install libvirt-clients")
-    child = subprocess.Popen([virsh, "-c", uri, "console", name], stderr=subprocess.PIPE, text=True)
-    reader = threading.Thread(target=_pass_stderr, args=(child.stderr,), daemon=True)
-    reader.start()
+    # virsh keeps the terminal for all three streams: with its stderr anywhere else (a pipe or a pty
+    # of dmzctl's, to leave out libvirt's polkit warning) it no longer leaves on Ctrl+] (seen here).
+    child = subprocess.Popen([virsh, "-c", uri, "console", name])
     asked_to_end = []
 
     def forward(signum, _frame):
@@ -56,7 +44,6 @@ def attach(uri: str, name: str) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         end(child)
-        reader.join(timeout=1)
 
 
 def end(child: subprocess.Popen) -> None:
