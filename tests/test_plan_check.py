@@ -153,8 +153,8 @@ def test_check_sums_up_several_dmzs_and_fix_restores_them(make_dmz):
     assert drifted.returncode == 1
     assert "pcca: network pcca: not active" in drifted.stdout
     assert "pccb: firewall table inet dmzctl-pccb: missing" in drifted.stdout
-    assert drifted.stdout.splitlines()[-1] == ("dmzctl check: 2 DMZ(s), 2 drifted: pcca (network inactive), "
-                                               "pccb (firewall table missing)")
+    assert drifted.stdout.splitlines()[-1] == ("dmzctl check: 2 DMZ(s), 2 drifted: pcca (1 difference: network "
+                                               "inactive), pccb (1 difference: firewall table missing)")
 
     fixed = dmzctl("check", str(one), str(two), "--fix", "--json")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
