@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from typing import Any, Optional
 
 from ..errors import FirewallError, HostError
@@ -114,8 +115,12 @@ def _listed_in_throwaway_netns(batch: dict, table: str, json_output: bool) -> st
     binary = shutil.which("nft")
     if not unshare or not binary:
         raise HostError("unshare (util-linux) and nft (nftables) are needed to compare firewall tables")
-    listing = f"{binary} {'-j ' if json_output else ''}list table {FAMILY} {table}"
-    result = subprocess.run([unshare, "--net", "sh", "-c", f"{binary} -j -f - && {listing}"],
+    listing = [binary] + (["-j"] if json_output else []) + ["list", "table", FAMILY, table]
+    # Two nft runs in one throwaway namespace, without a shell: a small Python step runs them in turn.
+    steps = ("import subprocess, sys; a, b = sys.argv[1:5], sys.argv[5:]; "
+             "r = subprocess.run(a, stdin=sys.stdin); r.returncode and sys.exit(r.returncode); "
+             "sys.exit(subprocess.run(b).returncode)")
+    result = subprocess.run([unshare, "--net", sys.executable, "-I", "-c", steps, binary, "-j", "-f", "-", *listing],
                             input=json.dumps(batch), capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise FirewallError(f"nftables refused the firewall batch: {result.stderr.strip()}", batch)
