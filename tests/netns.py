@@ -321,12 +321,15 @@ def dmz_up_without_vms(dmz, say=lambda _m: None) -> None:
     steps before the VMs are called one by one, in up's order.
     """
     from dmzctl.host.virt import Virt
-    from dmzctl.ops import lifecycle
+    from dmzctl.ops import common as lifecycle_common, lifecycle
     from dmzctl.settings import Settings
+
+    from dmzctl.state import snapshot
 
     settings = Settings.from_environment()
     with Virt(settings.uri) as virt:
-        snap, _names = lifecycle.inspect_for_up(virt, dmz, settings, [])
+        snap = snapshot(virt, lifecycle_common.desired_state(virt, dmz, settings), settings.hooks_dir)
+        lifecycle_common.preflight(virt, snap, [])  # no VM of these is ever started: their files are not checked
         outcome = lifecycle.Outcome(dmz.name, say)
         undo = lifecycle.Undo(say)
         try:
