@@ -16,6 +16,7 @@ PACKAGES=(
   libvirt-daemon-system qemu-system-x86 qemu-utils nftables python3-nftables
   python3-libvirt python3-lxml python3-venv dnsmasq-base iproute2 iptables
   libxml2-utils busybox-static iperf3 iputils-ping socat procps systemd
+  debootstrap xorriso openssh-client
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do
