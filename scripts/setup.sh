@@ -18,6 +18,8 @@ PACKAGES=(
   libxml2-utils busybox-static iperf3 iputils-ping socat procps systemd conntrack
   # the graphical console through the real viewers, on a virtual X server (tests/test_console.py)
   virt-viewer virt-manager gir1.2-spiceclientgtk-3.0 gir1.2-spiceclientglib-2.0 xvfb xdotool imagemagick
+  # the realistic Debian guest and its cloud-init seed (scripts/build-debian-guest.sh, tests/test_debian_guest.py)
+  debootstrap xorriso openssh-client
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

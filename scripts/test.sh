@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 DMZCTL_TEST_GUEST="$(scripts/build-test-guest.sh)"
+DMZCTL_DEBIAN_GUEST="$(scripts/build-debian-guest.sh)"; export DMZCTL_DEBIAN_GUEST
 export DMZCTL_NO_SKIP=1
 export DMZCTL_TEST_GUEST
 set +e
