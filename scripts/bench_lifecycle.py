@@ -613,21 +613,20 @@ def original_stop(virt, dmz, say: Callable[[str], None]) -> None:
     """stop_vm of the 2008 script, through libvirt: ACPI power button, then
     `for i in 0..SHUTDOWN_TIMEOUT: sleep 1; isrunning || break`, then force."""
     for vm in dmz.vms:
-        dom = virt.domain(vm.name)
-        if dom is None or not virt.is_running(dom):
+        if virt.domain_info(vm.name) is None or not virt.is_running(vm.name):
             continue
-        virt.shutdown_domain(dom)
+        virt.shutdown_domain(vm.name)
         say(f"{dmz.name}: asked {vm.name} to power off (ACPI), polling once a second")
         clean = False
         for _ in range(int(vm.shutdown_timeout) + 1):
             time.sleep(1)
-            if not virt.is_running(dom):
+            if not virt.is_running(vm.name):
                 clean = True
                 break
         if clean:
             say(f"{dmz.name}: VM {vm.name} powered off")
         else:
-            virt.destroy_domain(dom)
+            virt.destroy_domain(vm.name)
             say(f"{dmz.name}: VM {vm.name} did not power off within its timeout: destroyed")
 
 
@@ -886,12 +885,11 @@ class Bench:
         """What `dmzctl render` prints, split into documents; checked against what `up` builds."""
         from lxml import etree
 
-        from dmzctl.desired import build
-        from dmzctl.lifecycle import host_facts
+        from dmzctl.ops.common import desired_state, host_facts
         from dmzctl.render.base import to_string
         from dmzctl.render.nft import apply_batch
 
-        facts = host_facts(self.virt, self.dmz)
+        facts = host_facts(self.virt, self.settings)
         kind = "kvm" if facts.kvm_usable else "qemu"  # what `up` would pick on this host
 
         def render(what: str) -> str:
@@ -905,11 +903,11 @@ class Bench:
         documents = [d for d in re.split(r"(?=<filter )", filters_text) if d.strip().startswith("<filter")]
         nwfilters = [(etree.fromstring(d.encode()).get("name"), d) for d in documents]
 
-        desired = build(self.dmz, facts)
+        desired = desired_state(self.virt, self.dmz, self.settings)  # what `up` builds, host view included
         same = (network.strip() == to_string(desired.network).strip()
                 and domain.strip() == to_string(desired.domains[VM]).strip()
                 and [n for n, _ in nwfilters] == list(desired.nwfilters)
-                and nft_batch == apply_batch(self.dmz))
+                and nft_batch == apply_batch(self.dmz, desired.blocks))
         self.results["render_matches_up"] = same
         skip = {CLEAN_TRAFFIC} if self.host.filter_exists(CLEAN_TRAFFIC) else set()
         return {"network": network, "domain": domain, "nft": nft_batch, "nwfilters": nwfilters,
