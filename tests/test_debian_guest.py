@@ -117,7 +117,8 @@ protected = ["10.227.128.0/24"]
 name = "{VM}"
 memory = "768MiB"
 vcpus = 1
-disks = ["{image}"]
+# The overlay's backing file is named, with its format: dmzctl reads no format from a file
+disks = [{{ path = "{image}", format = "qcow2", backing = [{{ path = "{guest / 'disk.qcow2'}", format = "qcow2" }}] }}]
 cdrom = "{seed}"
 boot = "kernel"
 kernel = "{guest / 'vmlinuz'}"

@@ -463,7 +463,9 @@ def test_host_probes_have_teeth_without_the_nwfilter_host_rules(world):
         path.write_bytes(etree.tostring(stripped))
         sh("virsh", "-q", "nwfilter-define", str(path))
         answered = []
-        for what, command in HOST_PROBES:
+        # The host's LAN address lies inside the protected subnet: the protected rule drops those too.
+        only_host_rules = [(what, command) for what, command in HOST_PROBES if "LAN address" not in what]
+        for what, command in only_host_rules:
             for _ in range(3):  # the rebuilt filter takes a moment on the running NIC
                 began = time.monotonic()
                 rc, out = in_guest(VM_IP, command)
@@ -472,7 +474,7 @@ def test_host_probes_have_teeth_without_the_nwfilter_host_rules(world):
                     answered.append(what)
                     break
                 time.sleep(0.5)
-        assert answered == [what for what, _ in HOST_PROBES], answered
+        assert answered == [what for what, _ in only_host_rules], answered
     finally:
         path.write_text(original)
         sh("virsh", "-q", "nwfilter-define", str(path))

@@ -255,7 +255,7 @@ def test_table_deleted_or_flushed_check_names_it_fix_restores_nwfilter_holds(wor
     drifted = dmzctl("check", config)
     assert drifted.returncode == 1
     assert f"{DMZ}: firewall table inet {TABLE}: missing" in drifted.stdout
-    assert drifted.stdout.splitlines()[-1] == f"dmzctl check: 1 DMZ(s), 1 drifted: {DMZ} (firewall table missing)"
+    assert drifted.stdout.splitlines()[-1] == f"dmzctl check: 1 DMZ(s), 1 drifted: {DMZ} (1 difference: firewall table missing)"
     assert_isolated(world)
     fixed = dmzctl("check", config, "--fix", env=world["env"])
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
@@ -270,7 +270,7 @@ def test_table_deleted_or_flushed_check_names_it_fix_restores_nwfilter_holds(wor
     report = json.loads(flushed.stdout)
     problems = [d["problem"] for d in report["dmzs"][0]["differences"]]
     assert len(problems) == 1 and problems[0].startswith("chain from_dmz flushed (0 of "), problems
-    assert report["summary"] == f"dmzctl check: 1 DMZ(s), 1 drifted: {DMZ} (firewall chain from_dmz flushed)"
+    assert report["summary"] == f"dmzctl check: 1 DMZ(s), 1 drifted: {DMZ} (1 difference: firewall chain from_dmz flushed)"
     assert_isolated(world)
     assert dmzctl("check", config, "--fix", env=world["env"]).returncode == 0
     assert dmzctl("check", config).returncode == 0

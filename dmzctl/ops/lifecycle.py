@@ -10,6 +10,7 @@ once at the start (state.py): `plan` shows the very same decisions.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -48,6 +49,8 @@ def up(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = Non
     try:
         _up_network(virt, desired, observed, outcome, undo)
         with dmz_lock(settings.run_dir, SHARED_FILTERS, say=say):
+            # Read again under the lock: another DMZ's down may have removed the shared filter since.
+            observed = replace(observed, nwfilters={name: virt.nwfilter_xml(name) for name in desired.nwfilters})
             _up_nwfilters(virt, desired, observed, outcome, undo)
         apply_firewall(desired, observed.table, outcome, undo, settings)
         # Fail closed: re-check the table right before any VM may run.
