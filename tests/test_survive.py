@@ -283,6 +283,8 @@ def test_guard_restores_a_deleted_table_within_a_second(world):
     import nftables
 
     config = str(world["config"])
+    if world["guard"] is not None:
+        world["guard"].stop()
     guard = world["guard"] = GuardProcess(world)
     guard.wait_for("guard: watching")
     assert "libvirt events" in guard.lines[-1], guard.lines
@@ -411,6 +413,8 @@ def hooks(world):
     try:
         installed = dmzctl("install", "--no-systemd", "--hooks", check=True)
         assert "looks for hooks only when it starts" in installed.stdout, installed.stdout
+        if world["guard"] is not None:  # one left by a test that failed: never two guards at once
+            world["guard"].stop()
         guard = world["guard"] = GuardProcess(world)  # it must live through the restart too
         guard.wait_for("guard: watching")
         seconds = restart_libvirtd(signal.SIGKILL)

@@ -244,7 +244,8 @@ class Guard:
         table = TableState(nft.canonical(nft.list_table(target.table)), target.want)
         if table.in_sync:
             return
-        state = "missing" if not table.exists else table_drift(table.live, table.want)[0][2].removeprefix("firewall ")
+        state = "missing" if not table.exists else \
+            f"altered: {table_drift(table.live, table.want)[0][2].removeprefix('firewall ')}"
         try:
             nft.apply(target.batch)
         except DmzctlError as error:
