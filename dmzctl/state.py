@@ -124,7 +124,9 @@ def _network(desired: DesiredDMZ, net: Optional[NetworkInfo], found: list) -> bo
     if not net.active:
         found.append(Difference("network-inactive", what, "not active", "network inactive"))
         return True
-    if net.live_digest != want and net.digest == want:
+    # What runs: by digest, or by content where a live change (a DHCP host added or removed with
+    # net-update, which leaves the metadata as it was) made it what the config says.
+    if net.digest == want and net.live_digest != want and xmlcompare.differs(net.live or "", want_xml):
         found.append(Difference("network-older", what, "runs an older definition (dmzctl down, then up)",
                                 "network runs an older definition"))
     if not net.autostart:

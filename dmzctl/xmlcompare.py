@@ -9,6 +9,7 @@ dmzctl's back or what the config changed. Pure.
 from __future__ import annotations
 
 import difflib
+from typing import Optional
 
 from lxml import etree
 
@@ -38,6 +39,28 @@ def differs(live_xml: str, want_xml: str) -> bool:
     """Whether the live definition says something else than the rendered one."""
     old, new = _comparable(live_xml, want_xml)
     return old != new
+
+
+def dhcp_host_change(live_xml: str, want_xml: str) -> Optional[tuple[list[str], list[str]]]:
+    """(removed, added) <host> entries of the IPv4 DHCP section, when the two network documents differ
+    in those alone; None when anything else differs too."""
+    parser = etree.XMLParser(remove_blank_text=True, remove_comments=True)
+    live, want = (etree.fromstring(x.encode(), parser) for x in (live_xml, want_xml))
+    hosts = []
+    for root in (live, want):
+        found = root.xpath("ip[not(@family) or @family='ipv4']/dhcp/host")
+        hosts.append({_host_key(host): to_string(host).strip() for host in found})
+        for host in found:
+            host.getparent().remove(host)
+    if differs(to_string(live), to_string(want)):
+        return None
+    removed = [xml for key, xml in hosts[0].items() if key not in hosts[1]]
+    added = [xml for key, xml in hosts[1].items() if key not in hosts[0]]
+    return removed, added
+
+
+def _host_key(host: etree._Element) -> tuple:
+    return tuple(sorted((key, host.get(key)) for key in ("mac", "name", "ip") if host.get(key)))
 
 
 def xml_diff(live_xml: str, want_xml: str) -> list[str]:

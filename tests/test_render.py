@@ -474,3 +474,16 @@ def test_meter_elements_are_state_not_policy():
     normal = _normal_text(text)
     assert not any("52:54:00" in line for line in normal)
     assert "\t\telements = { 10.0.0.0/8 }" in normal
+
+
+def test_dhcp_host_change_sees_static_leases_alone():
+    from dmzctl.xmlcompare import dhcp_host_change
+
+    two = ("<network><name>x</name><ip address='10.0.0.1' netmask='255.255.255.0'><dhcp>"
+           "<host mac='52:54:00:00:00:01' name='a' ip='10.0.0.10'/><host mac='52:54:00:00:00:02' name='b' "
+           "ip='10.0.0.11'/></dhcp></ip></network>")
+    one = two.replace("<host mac='52:54:00:00:00:02' name='b' ip='10.0.0.11'/>", "")
+    removed, added = dhcp_host_change(two, one)
+    assert added == [] and len(removed) == 1 and "10.0.0.11" in removed[0]
+    assert dhcp_host_change(one, two)[1] and not dhcp_host_change(one, two)[0]
+    assert dhcp_host_change(two, two.replace("10.0.0.1'", "10.0.0.2'")) is None  # anything else: a restart

@@ -66,6 +66,7 @@ class NetworkInfo:
     live_digest: Optional[str]  # of what runs now; None when inactive
     definition: str  # the persistent XML
     bridge: Optional[str] = None
+    live: Optional[str] = None  # the running XML; None when inactive
 
 
 @dataclass(frozen=True)

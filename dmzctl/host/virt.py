@@ -142,7 +142,7 @@ class Virt:
             bridge = net.bridgeName() if active else None
         return NetworkInfo(name=name, owner=owner_of(definition), active=active, autostart=autostart,
                            digest=digest_of(definition), live_digest=digest_of(live) if live else None,
-                           definition=definition, bridge=bridge)
+                           definition=definition, bridge=bridge, live=live)
 
     def define_network(self, xml: str) -> None:
         with self._call("defining the DMZ network"):
@@ -173,6 +173,17 @@ class Virt:
                 net.destroy()
             if net.isPersistent():
                 net.undefine()
+
+    def update_dhcp_hosts(self, name: str, removed: list[str], added: list[str]) -> None:
+        """Take out and put in <host> entries of the running network's IPv4 DHCP section (its definition
+        is defined whole beforehand): a VM added to or removed from a DMZ needs no network restart."""
+        net = self._must_network(name)
+        flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
+        with self._call(f"updating the DHCP hosts of network {name}"):
+            for command, hosts in ((libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, removed),
+                                   (libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, added)):
+                for host in hosts:
+                    net.update(command, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, 0, host, flags)
 
     def network_of_bridge(self, bridge: str) -> Optional[str]:
         """The name of the libvirt network whose bridge is `bridge`, if any."""

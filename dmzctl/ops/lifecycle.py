@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import events
+from .. import events, xmlcompare
 from ..config import DMZ, VM, load_dmz
 from ..desired import DesiredDMZ
 from ..errors import DmzctlError, HostError, LockedError
@@ -78,7 +78,12 @@ def _up_network(virt: Virt, desired: DesiredDMZ, observed: Observed, outcome: Ou
     elif decision.define == "update":
         virt.define_network(decision.want_xml)
         outcome.change(f"network {name} definition updated")
-        if decision.pending:
+        hosts = xmlcompare.dhcp_host_change(observed.network.live, decision.want_xml) if decision.pending else None
+        if hosts is not None:
+            # Only static DHCP leases differ (a VM added or removed): applied to the running network.
+            virt.update_dhcp_hosts(name, *hosts)
+            outcome.change(f"network {name}: static DHCP leases updated live")
+        elif decision.pending:
             outcome.pending.append(f"network {name}: the new definition applies when the network restarts "
                                    f"(dmzctl down, then up)")
     if decision.start:
