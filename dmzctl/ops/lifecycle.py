@@ -233,13 +233,17 @@ def stop_domains(virt: Virt, dmz: DMZ, names: list[str], settings: Settings, tim
             report.append(f"VM {name} powered off ({time.monotonic() - began:.1f} s)")
             events.record(settings.event_log, f"dmz={dmz.name} vm={name} powered off")
             continue
-        virt.destroy_domain(name)
-        if not virt.wait_for(lambda: virt.is_off(name), 30):
-            # The firewall goes only once libvirt has confirmed every VM is off.
-            raise HostError(f"VM {name} is still not off 30 s after destroy; its DMZ's firewall stays")
+        destroy_confirmed(virt, name)
         report.append(f"VM {name} did not power off within its timeout: destroyed")
         events.record(settings.event_log, f"dmz={dmz.name} vm={name} destroyed after shutdown timeout")
     return report
+
+
+def destroy_confirmed(virt: Virt, name: str) -> None:
+    """Destroy, and return only once libvirt confirms the VM is off: a DMZ's firewall goes only then."""
+    virt.destroy_domain(name)
+    if not virt.wait_for(lambda: virt.is_off(name), 30):
+        raise HostError(f"VM {name} is still not off 30 s after destroy; its DMZ's firewall stays")
 
 
 def _waiting_reporter(virt: Virt, names: list[str], began: float, say: Say) -> Callable[[float], None]:
@@ -329,9 +333,7 @@ def kill(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = N
     for name in selected_vms(dmz, only) if only else virt.domains_of(dmz.name):
         if virt.is_off(name) or virt.live_domain_owner(name) != dmz.name:
             continue
-        virt.destroy_domain(name)
-        if not virt.wait_for(lambda: virt.is_off(name), 30):
-            raise HostError(f"VM {name} is still not off 30 s after destroy")
+        destroy_confirmed(virt, name)
         outcome.change(f"VM {name} destroyed")
         events.record(settings.event_log, f"dmz={dmz.name} vm={name} killed (destroyed)")
     return outcome
