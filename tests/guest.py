@@ -20,16 +20,21 @@ ROOT = Path(__file__).resolve().parents[1]
 DMZCTL = [sys.executable, "-m", "dmzctl.cli"]
 
 
-def guest_dir() -> Path:
-    """The cached guest build; built on demand when the suite runs without scripts/test.sh."""
-    if os.environ.get("DMZCTL_TEST_GUEST"):
-        return Path(os.environ["DMZCTL_TEST_GUEST"])
-    result = subprocess.run([str(ROOT / "scripts" / "build-test-guest.sh")], capture_output=True, text=True)
+def cached_build(variable: str, script: str, what: str) -> Path:
+    """A cached guest build: $variable (set by scripts/test.sh), else built on demand by the script."""
+    if os.environ.get(variable):
+        return Path(os.environ[variable])
+    result = subprocess.run([str(ROOT / "scripts" / script)], capture_output=True, text=True)
     if result.returncode != 0:
-        pytest.fail(f"building the test guest failed:\n{result.stderr[-2000:]}")
+        pytest.fail(f"building {what} failed:\n{result.stderr[-3000:]}")
     path = result.stdout.strip().splitlines()[-1]
-    os.environ["DMZCTL_TEST_GUEST"] = path
+    os.environ[variable] = path
     return Path(path)
+
+
+def guest_dir() -> Path:
+    """The cached tiny guest (kernel + busybox)."""
+    return cached_build("DMZCTL_TEST_GUEST", "build-test-guest.sh", "the test guest")
 
 
 def dmzctl(*args: str, check: bool = False, timeout: float = 300, env: dict | None = None):

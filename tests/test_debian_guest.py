@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from guest import ROOT, dmzctl, serial_log, wait_for_serial, wipe
+from guest import cached_build, dmzctl, serial_log, wait_for_serial, wipe
 
 pytestmark = [pytest.mark.host, pytest.mark.guest]
 
@@ -51,14 +51,7 @@ BOOT_TIMEOUT = 420               # generous: a TCG guest on a shared 2-core mach
 
 def debian_guest_dir() -> Path:
     """The cached Debian guest; built on demand (~2 min) when the suite runs without scripts/test.sh."""
-    if os.environ.get("DMZCTL_DEBIAN_GUEST"):
-        return Path(os.environ["DMZCTL_DEBIAN_GUEST"])
-    result = subprocess.run([str(ROOT / "scripts" / "build-debian-guest.sh")], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"building the Debian guest failed:\n{result.stderr[-3000:]}")
-    path = result.stdout.strip().splitlines()[-1]
-    os.environ["DMZCTL_DEBIAN_GUEST"] = path
-    return Path(path)
+    return cached_build("DMZCTL_DEBIAN_GUEST", "build-debian-guest.sh", "the Debian guest")
 
 
 def seed_files(instance_id: str, public_key: str) -> dict[str, str]:

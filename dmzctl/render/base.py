@@ -46,7 +46,11 @@ def replace_child(parent: etree._Element, tag: str, before: tuple[str, ...] = ()
     """Drop any existing <tag> under parent and insert a fresh one, placed before the first of `before`."""
     for old in parent.findall(tag):
         parent.remove(old)
-    element = etree.Element(tag)
+    return place_before(parent, etree.Element(tag), before)
+
+
+def place_before(parent: etree._Element, element: etree._Element, before: tuple[str, ...] = ()) -> etree._Element:
+    """Insert element under parent before the first child named in `before` that exists, else last."""
     for name in before:
         anchor = parent.find(name)
         if anchor is not None:

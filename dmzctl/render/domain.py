@@ -8,7 +8,7 @@ from typing import Optional
 from lxml import etree
 
 from ..config import DMZ, VM, Image, Limits
-from .base import load_base, metadata_element, replace_child, stable_uuid, sub, xml_dir
+from .base import load_base, metadata_element, place_before, replace_child, stable_uuid, sub, xml_dir
 from .nwfilter import vm_filter_name, vm_filter_parameters
 
 
@@ -234,13 +234,7 @@ def _tune_element(dom: etree._Element, tag: str, before: tuple[str, ...]) -> etr
         element = etree.Element(tag)
     else:
         dom.remove(element)
-    for name in before:
-        anchor = dom.find(name)
-        if anchor is not None:
-            anchor.addprevious(element)
-            return element
-    dom.append(element)
-    return element
+    return place_before(dom, element, before)
 
 
 def _set_child(parent: etree._Element, tag: str, text: Optional[str], **attrib: str) -> etree._Element:
