@@ -97,11 +97,30 @@ def diff(desired: DesiredDMZ, observed: Observed) -> list[Difference]:
         _domain(desired, vm, observed.domains.get(vm.name), found)
     for name in observed.strays:
         found.append(Difference("vm-not-in-config", f"VM {name}", "belongs to this DMZ but is not in its config "
-                                "(dmzctl down removes it)", f"VM {name} not in config", name))
+                                "(check --fix or destroy removes it)", f"VM {name} not in config", name))
     for path in observed.hooks_missing:
         found.append(Difference("hooks-missing", f"libvirt hook {path}", "missing: virsh or virt-manager could "
                                 "start a VM of this DMZ without its firewall table", "hooks missing"))
-    return found
+    return _as_down(desired, observed, found) if is_down(desired, observed) else found
+
+
+# What a halted DMZ shows instead: one "down" difference; differences of its definitions stay.
+HALTED_KINDS = frozenset({"network-inactive", "table-missing", "vm-not-running"})
+
+
+def is_down(desired: DesiredDMZ, observed: Observed) -> bool:
+    """Defined but down (`dmzctl down`): its network defined and stopped, no table, none of its VMs running."""
+    net = observed.network
+    return (net is not None and net.owner == desired.dmz.name and not net.active and not observed.table.exists
+            and not any(info is not None and info.running for info in observed.domains.values()))
+
+
+def _as_down(desired: DesiredDMZ, observed: Observed, found: list[Difference]) -> list[Difference]:
+    defined = sum(1 for info in observed.domains.values() if info is not None and info.owner == desired.dmz.name)
+    down = Difference("dmz-down", f"DMZ {desired.dmz.name}",
+                      f"down: defined ({defined} VM{'s' if defined != 1 else ''} shut off), network inactive, "
+                      f"no firewall table (dmzctl up starts it)", "down (defined)")
+    return [down] + [d for d in found if d.kind not in HALTED_KINDS]
 
 
 def _network(desired: DesiredDMZ, net: Optional[NetworkInfo], found: list) -> bool:

@@ -20,7 +20,7 @@ lan_down() {
 }
 
 if [ "${1:-}" = "--down" ]; then
-  "$DMZCTL" down "$CONFIG"
+  "$DMZCTL" destroy "$CONFIG"
   lan_down
   exit 0
 fi

@@ -51,7 +51,7 @@ def make_dmz(tmp_path, monkeypatch):
 
     yield make
     for name, vms in created:
-        dmzctl("down", str(tmp_path / f"{name}.toml"), "--timeout", "0")
+        dmzctl("destroy", str(tmp_path / f"{name}.toml"), "--timeout", "0")
         wipe(name, vms)
 
 
@@ -178,14 +178,43 @@ def test_status_reports_each_state_truthfully(make_dmz):
     assert killed["vms"][0]["state"] == "shut off" and not killed["ok"]
 
 
-def test_down_powers_off_by_acpi_and_leaves_nothing(make_dmz):
-    config = make_dmz("lcdn", [("lcdn-web", "10.241.0.30")])
+def test_down_powers_off_by_acpi_and_keeps_the_definitions_destroy_removes_them(make_dmz):
+    config = make_dmz("lcdn", [("lcdn-web", "10.241.0.30"), ("lcdn-db", "10.241.0.31")])
     dmzctl("up", str(config), check=True)
     wait_for_serial("lcdn-web", "DMZGUEST READY")
+    wait_for_serial("lcdn-db", "DMZGUEST READY")
     result = dmzctl("down", str(config), check=True)
     assert "VM lcdn-web powered off" in result.stdout, result.stdout  # not destroyed after the timeout
     assert "DMZGUEST POWEROFF" in serial_log("lcdn-web").read_text()
-    assert leftovers("lcdn", ["lcdn-web"]) == []
+    assert "network lcdn stopped (still defined)" in result.stdout, result.stdout
+    # Halted, as virt-manager's shutdown: listed "Shut off", network inactive, filters kept, no table.
+    assert virsh("domstate", "lcdn-web").stdout.strip() == "shut off"
+    assert "Active:         no" in virsh("net-info", "lcdn").stdout
+    assert sorted(leftovers("lcdn", ["lcdn-web", "lcdn-db"])) == sorted(
+        ["domain lcdn-web", "domain lcdn-db", "network lcdn"] + [
+            f"nwfilter dmzctl-lcdn-{vm}{suffix}" for vm in ("lcdn-web", "lcdn-db")
+            for suffix in ("", "-guard4", "-block", "-spoof6", "-guard6")])
+    assert subprocess.run(["nft", "list", "table", "inet", "dmzctl-lcdn"], capture_output=True).returncode != 0
+    status = dmzctl("status", str(config), "--json")
+    report = json.loads(status.stdout)[0]
+    assert status.returncode == 1 and report["verdict"] == "DOWN (defined, not running)", status.stdout
+    assert [vm["state"] for vm in report["vms"]] == ["shut off", "shut off"]
+    check = json.loads(dmzctl("check", str(config), "--json").stdout)["dmzs"][0]
+    assert [d["kind"] for d in check["differences"]] == ["dmz-down"], check
+    again = dmzctl("down", str(config), check=True)
+    assert "down: nothing to change" in again.stdout, again.stdout
+    # Up again from the kept definitions: nothing defined anew.
+    up = dmzctl("up", str(config), check=True)
+    assert "defined" not in up.stdout and "VM lcdn-web started" in up.stdout, up.stdout
+    # destroy --vm: that VM's definition and filters go; the rest stays up.
+    one = dmzctl("destroy", str(config), "--vm", "lcdn-db", "--timeout", "0", check=True)
+    assert "VM lcdn-db undefined" in one.stdout and "nwfilter dmzctl-lcdn-lcdn-db removed" in one.stdout, one.stdout
+    assert virsh("dominfo", "lcdn-db").returncode != 0 and virsh("domstate", "lcdn-web").stdout.strip() == "running"
+    # destroy: every definition goes; the user's disks (here the guest's kernel) are not touched.
+    gone = dmzctl("destroy", str(config), "--timeout", "0", check=True)
+    assert "network lcdn removed" in gone.stdout, gone.stdout
+    assert leftovers("lcdn", ["lcdn-web", "lcdn-db"]) == []
+    assert (guest_dir() / "kernel").exists() and (guest_dir() / "initrd.img").exists()
 
 
 def test_guest_ignoring_acpi_is_destroyed_after_its_timeout(make_dmz):
@@ -199,7 +228,7 @@ def test_guest_ignoring_acpi_is_destroyed_after_its_timeout(make_dmz):
     assert "did not power off within its timeout: destroyed" in result.stdout, result.stdout
     assert "DMZGUEST ACPI-IGNORED" in serial_log("lcig-web").read_text()
     assert elapsed >= 3, "destroyed before its 3 s of ACPI grace were up"
-    assert leftovers("lcig", ["lcig-web"]) == []
+    assert virsh("domstate", "lcig-web").stdout.strip() == "shut off"
 
 
 def test_refused_firewall_means_no_vm_and_nothing_left(make_dmz):

@@ -274,6 +274,9 @@ def owned_domains(virt: Virt, dmz: DMZ) -> list[str]:
 
 def down(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None,
          timeout: Optional[float] = None, keep_network: bool = False, say: Say = print) -> Outcome:
+    """Halt, as the original's `stop`: the VMs off (ACPI, then destroy), the network stopped, the table
+    removed. Every definition stays (virt-manager lists the VMs as "Shut off"); `destroy` removes them.
+    With the hooks in place nobody starts them again without their table."""
     require_root()
     outcome = Outcome(dmz.name, say)
     owned = owned_domains(virt, dmz)
@@ -282,49 +285,22 @@ def down(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = N
         outcome.change(line)
     if only or keep_network:
         return outcome
-    for name in names:
-        virt.undefine_domain(name)
-        outcome.change(f"VM {name} undefined")
-    _remove_nwfilters(virt, dmz, outcome, settings)
     network = virt.network_info(dmz.name)
-    if network is not None and network.owner == dmz.name:
-        virt.remove_network(dmz.name)
-        outcome.change(f"network {dmz.name} removed")
+    if network is not None and network.owner == dmz.name and network.active:
+        virt.stop_network(dmz.name)
+        outcome.change(f"network {dmz.name} stopped (still defined)")
+    remove_table(dmz, outcome, settings)
+    return outcome
+
+
+def remove_table(dmz: DMZ, outcome: Outcome, settings: Settings) -> None:
+    """The DMZ's table goes (its VMs are off), then the other DMZs' tables follow the host's networks."""
     table = table_name(dmz)
     if nft.table_exists(table):
         nft.apply(delete_batch(table))
         outcome.change(f"firewall table inet {table} removed")
         events.record(settings.event_log, f"dmz={dmz.name} firewall table {table} removed")
     refresh_other_tables(dmz, outcome, settings)
-    return outcome
-
-
-def remove_domains(virt: Virt, dmz: DMZ, names: list[str], settings: Settings, outcome: Outcome,
-                   say: Say = print) -> None:
-    """Stop (ACPI, then destroy) and undefine these VMs of the DMZ; their disks stay."""
-    for line in stop_domains(virt, dmz, names, settings, say=say):
-        outcome.change(line)
-    for name in names:
-        virt.undefine_domain(name)
-        outcome.change(f"VM {name} undefined")
-
-
-def _remove_nwfilters(virt: Virt, dmz: DMZ, outcome: Outcome, settings: Settings) -> None:
-    from ..render.nwfilter import CLEAN_TRAFFIC
-
-    prefix = f"dmzctl-{dmz.name}-"
-    # Referencing filters first: libvirt refuses to remove a filter still referenced.
-    names = [n for n in virt.nwfilter_names() if n.startswith(prefix)]
-    for name in sorted(names, key=lambda n: (n.count("-guard") + n.count("-spoof"), n)):
-        virt.undefine_nwfilter(name)
-        outcome.change(f"nwfilter {name} removed")
-    # The shared clean-traffic filter goes with the last DMZ that uses it; the lock
-    # keeps another DMZ's `up` from referencing it while it goes.
-    with dmz_lock(settings.run_dir, SHARED_FILTERS):
-        if not any(n.startswith("dmzctl-") and n != CLEAN_TRAFFIC for n in virt.nwfilter_names()):
-            if virt.nwfilter_exists(CLEAN_TRAFFIC):
-                virt.undefine_nwfilter(CLEAN_TRAFFIC)
-                outcome.change(f"nwfilter {CLEAN_TRAFFIC} removed")
 
 
 def kill(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None, say: Say = print) -> Outcome:
