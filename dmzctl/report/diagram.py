@@ -201,19 +201,21 @@ def _class_node(kind: str, blocks: list[Blocked], live: bool) -> Node:
 
 
 def target_nodes(dmzs: list[DMZ], edges: list[Edge]) -> tuple[list[Node], dict[str, list[str]]]:
-    """A node for every `target:` endpoint; those inside a DMZ's protected subnets go in its LAN."""
+    """A node for every `target:` endpoint (head or tail); those inside a DMZ's protected subnets go
+    in its LAN."""
     nodes, in_lan = [], {}
     for edge in edges:
-        if not edge.head.startswith("target:") or any(n.id == edge.head for n in nodes):
-            continue
-        net = ipaddress.ip_network(edge.head.removeprefix("target:"))
-        what = "DNS server" if edge.label.startswith("DNS") else "hole"
-        owner = next((d for d in dmzs if any(net.subnet_of(p) for p in d.protected if p.version == net.version)),
-                     None)
-        nodes.append(Node(edge.head, (str(net.network_address) if net.prefixlen == net.max_prefixlen
-                                      else str(net), what), "target"))
-        if owner is not None:
-            in_lan.setdefault(lan_key(owner), []).append(edge.head)
+        for end in (edge.head, edge.tail):
+            if not end.startswith("target:") or any(n.id == end for n in nodes):
+                continue
+            net = ipaddress.ip_network(end.removeprefix("target:"))
+            what = "DNS server" if edge.label.startswith("DNS") else "hole" if edge.kind == "allowed" else "address"
+            name = str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+            nodes.append(Node(end, (name, what), "target"))
+            owner = next((d for d in dmzs if any(net.subnet_of(p) for p in d.protected
+                                                  if p.version == net.version)), None)
+            if owner is not None:
+                in_lan.setdefault(lan_key(owner), []).append(end)
     return nodes, in_lan
 
 
