@@ -106,7 +106,7 @@ def test_policy_tables_are_the_rendered_rules_in_order(page, both):
 def test_live_state_verify_vms_and_footer(page, both):
     tree = lxml_html.fromstring(page)
     demo = " ".join(tree.get_element_by_id("dmz-demo").text_content().split())
-    assert "Not on the host: not on the host (not run as root)" in demo
+    assert "Live state not read: not on the host (not run as root)." in demo
     assert "OK at 2026-11-30T09:41:07+00:00: 2 probes: 1 blocked and 1 allowed as expected" in demo
     assert "serial console: through libvirt only" in demo and "no graphical console" in demo
     assert "CPU: no cap" in demo and "new flows: 2000/second, burst 4000" in demo
@@ -265,7 +265,7 @@ def test_on_the_host_check_findings_and_the_last_verify_run(tmp_path):
         findings = tree.xpath("//section[@id='dmz-rp-live']//h3[.='Live state']/following-sibling::ul[1]/li/text()")
         assert ("In sync: network, nwfilters, firewall table, VMs and hooks are as configured" in text
                 or "Drifted:" in text and findings and all(" is stale: " in f for f in findings)), text
-        assert "Not on the host" not in text
+        assert "Live state not read" not in text
         assert f"at {kept['finished_at']}:" in text and "No VM in this DMZ." in text
         # Drawn and rendered from the live view: the host by name, the policy with the host's networks.
         svg = base64.b64decode(tree.get_element_by_id("diagram-image").get("src").split(",", 1)[1]).decode()
