@@ -147,9 +147,21 @@ def verify(
             with dmz_lock(settings.run_dir, dmz.name, say=say):
                 reports.append(verify_dmz(dmz, target or [], skip or [], address=address, address6=address6,
                                           timeout=timeout, say=(lambda m: None) if as_json else say))
+            _keep(reports[-1], settings)
         print_reports(reports, as_json, "".join(format_report(r) for r in reports), ok=all(r.ok for r in reports))
 
     run(action, settings.debug)
+
+
+def _keep(report, settings) -> None:
+    """The run's results, for `dmzctl report` and monitoring; failing to keep them fails no proof."""
+    from ..errors import HostError
+    from ..verify.record import record
+
+    try:
+        record(report, settings.state_dir)
+    except HostError as error:
+        typer.echo(f"dmzctl: warning: {error}", err=True)
 
 
 @app.command()
