@@ -271,4 +271,4 @@ def test_on_the_host_check_findings_and_the_last_verify_run(tmp_path):
         svg = base64.b64decode(tree.get_element_by_id("diagram-image").get("src").split(",", 1)[1]).decode()
         assert f"host {socket.gethostname()}" in svg and "the host's networks" in text
     finally:
-        _dmzctl("down", str(config), env=env)
+        _dmzctl("destroy", str(config), env=env)
