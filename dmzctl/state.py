@@ -104,8 +104,10 @@ def diff(desired: DesiredDMZ, observed: Observed) -> list[Difference]:
     return _as_down(desired, observed, found) if is_down(desired, observed) else found
 
 
-# What a halted DMZ shows instead: one "down" difference; differences of its definitions stay.
-HALTED_KINDS = frozenset({"network-inactive", "table-missing", "vm-not-running"})
+# What a halted DMZ shows instead: one "down" difference; differences of its definitions stay. Its
+# nwfilters are left out: they list the host's addresses, which change while it is down, and `up`
+# re-renders them before any of its VMs starts.
+HALTED_KINDS = frozenset({"network-inactive", "table-missing", "vm-not-running", "nwfilter-differs"})
 
 
 def is_down(desired: DesiredDMZ, observed: Observed) -> bool:

@@ -202,7 +202,7 @@ def test_down_powers_off_by_acpi_and_keeps_the_definitions_destroy_removes_them(
     check = json.loads(dmzctl("check", str(config), "--json").stdout)["dmzs"][0]
     assert [d["kind"] for d in check["differences"]] == ["dmz-down"], check
     again = dmzctl("down", str(config), check=True)
-    assert "down: nothing to change" in again.stdout, again.stdout
+    assert "network lcdn stopped" not in again.stdout and "firewall table" not in again.stdout, again.stdout
     # Up again from the kept definitions: nothing defined anew.
     up = dmzctl("up", str(config), check=True)
     assert "defined" not in up.stdout and "VM lcdn-web started" in up.stdout, up.stdout
@@ -355,3 +355,24 @@ def test_two_runs_on_one_dmz_do_not_interleave(make_dmz, tmp_path, monkeypatch):
     holder.join()
     assert "lclk: waiting for another dmzctl run on this DMZ" in result.stdout
     assert released.is_set()
+
+
+def test_another_dmz_coming_and_going_refreshes_this_dmz_s_host_address_filter(make_dmz, tmp_path):
+    """The per-VM filter lists the host's addresses; another DMZ's gateway is a new one, and its up says so."""
+    config = make_dmz("lcnf", [("lcnf-web", "10.241.0.60")])
+    dmzctl("up", str(config), check=True)
+    other = tmp_path / "lcnf2.toml"
+    other.write_text('[dmz]\nname = "lcnf2"\ngateway = "10.248.0.1/24"\nprotected = ["10.248.128.0/24"]\n')
+    wipe("lcnf2", [])
+    try:
+        up = dmzctl("up", str(other), check=True)
+        assert "nwfilter dmzctl-lcnf-lcnf-web-block of DMZ lcnf refreshed" in up.stdout, up.stdout
+        block = virsh("nwfilter-dumpxml", "dmzctl-lcnf-lcnf-web-block").stdout
+        assert "10.248.0.1" in block, block
+        assert dmzctl("status", str(config)).returncode == 0, dmzctl("status", str(config)).stdout
+        gone = dmzctl("destroy", str(other), check=True)
+        assert "nwfilter dmzctl-lcnf-lcnf-web-block of DMZ lcnf refreshed" in gone.stdout, gone.stdout
+        assert "10.248.0.1" not in virsh("nwfilter-dumpxml", "dmzctl-lcnf-lcnf-web-block").stdout
+    finally:
+        dmzctl("destroy", str(other), "--timeout", "0")
+        wipe("lcnf2", [])

@@ -57,7 +57,7 @@ def up(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = Non
         if not nft.table_exists(desired.table):
             raise HostError(f"firewall table {desired.table} is missing; no VM is started without it")
         # The other DMZs must block this one's subnets before its VMs run (and vice versa).
-        refresh_other_tables(dmz, outcome, settings)
+        refresh_other_tables(dmz, outcome, settings, virt)
         for name in vm_names:
             _up_domain(virt, desired, observed, name, restart_changed, outcome, undo, settings)
     except BaseException:
@@ -175,8 +175,9 @@ def limits_start_hint(message: str, vm: VM) -> Optional[str]:
     return None
 
 
-def refresh_other_tables(dmz: DMZ, outcome: Outcome, settings: Settings) -> None:
-    """Re-apply every other live DMZ table that the host's networks have made stale.
+def refresh_other_tables(dmz: DMZ, outcome: Outcome, settings: Settings, virt: Optional[Virt] = None) -> None:
+    """Re-apply every other live DMZ table that the host's networks have made stale, and (with virt)
+    their VMs' nwfilters, whose host-address block lists the host's addresses (a new bridge adds one).
 
     Their configs are found through their networks' metadata. A DMZ held by another
     dmzctl run is left to it (it renders with the view it reads), as is one whose
@@ -191,19 +192,40 @@ def refresh_other_tables(dmz: DMZ, outcome: Outcome, settings: Settings) -> None
         except DmzctlError as error:
             outcome.pending.append(f"DMZ {name}: its table could not be refreshed: {str(error).splitlines()[0]}")
             continue
-        table = table_name(other)
-        if other.name != name or held_down_marker(settings.run_dir, name).exists() or not nft.table_exists(table):
+        if other.name != name:
             continue
-        batch = apply_batch(other, blocks_for(other, view))
         try:
             with dmz_lock(settings.run_dir, name, timeout=0):
-                if nft.canonical(nft.list_table(table)) == nft.kernel_form(batch, table):
-                    continue
-                nft.apply(batch)
+                if virt is not None:
+                    _refresh_block_filters(virt, other, view, outcome)
+                _refresh_table(other, view, outcome, settings, dmz.name)
         except LockedError:
             continue
-        outcome.change(f"firewall table inet {table} of DMZ {name} refreshed (the host's networks changed)")
-        events.record(settings.event_log, f"dmz={name} firewall table {table} refreshed by dmzctl up of {dmz.name}")
+
+
+def _refresh_table(other: DMZ, view, outcome: Outcome, settings: Settings, by: str) -> None:
+    table = table_name(other)
+    if held_down_marker(settings.run_dir, other.name).exists() or not nft.table_exists(table):
+        return  # taken down on purpose, or the DMZ is down
+    batch = apply_batch(other, blocks_for(other, view))
+    if nft.canonical(nft.list_table(table)) == nft.kernel_form(batch, table):
+        return
+    nft.apply(batch)
+    outcome.change(f"firewall table inet {table} of DMZ {other.name} refreshed (the host's networks changed)")
+    events.record(settings.event_log, f"dmz={other.name} firewall table {table} refreshed by dmzctl of {by}")
+
+
+def _refresh_block_filters(virt: Virt, other: DMZ, view, outcome: Outcome) -> None:
+    """Another DMZ's defined filters, as its `up` would render them with today's host addresses."""
+    from ..render.nwfilter import render_nwfilters
+    from ..state import same_filter
+
+    for vm in other.vms:
+        for name, element in render_nwfilters(other, vm, view.addresses).items():
+            live = virt.nwfilter_xml(name)
+            if live is not None and not same_filter(live, element):
+                virt.define_nwfilter(to_string(element))
+                outcome.change(f"nwfilter {name} of DMZ {other.name} refreshed (the host's addresses changed)")
 
 
 # --- down ----------------------------------------------------------------------------
@@ -289,18 +311,18 @@ def down(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = N
     if network is not None and network.owner == dmz.name and network.active:
         virt.stop_network(dmz.name)
         outcome.change(f"network {dmz.name} stopped (still defined)")
-    remove_table(dmz, outcome, settings)
+    remove_table(dmz, outcome, settings, virt)
     return outcome
 
 
-def remove_table(dmz: DMZ, outcome: Outcome, settings: Settings) -> None:
+def remove_table(dmz: DMZ, outcome: Outcome, settings: Settings, virt: Virt) -> None:
     """The DMZ's table goes (its VMs are off), then the other DMZs' tables follow the host's networks."""
     table = table_name(dmz)
     if nft.table_exists(table):
         nft.apply(delete_batch(table))
         outcome.change(f"firewall table inet {table} removed")
         events.record(settings.event_log, f"dmz={dmz.name} firewall table {table} removed")
-    refresh_other_tables(dmz, outcome, settings)
+    refresh_other_tables(dmz, outcome, settings, virt)
 
 
 def kill(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None, say: Say = print) -> Outcome:

@@ -37,7 +37,7 @@ def destroy(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] 
         if network is not None and network.owner == dmz.name:
             virt.remove_network(dmz.name)
             outcome.change(f"network {dmz.name} removed")
-            refresh_other_tables(dmz, outcome, settings)  # its subnets are no other DMZ's concern now
+            refresh_other_tables(dmz, outcome, settings, virt)  # its subnets are no other DMZ's concern now
     return outcome
 
 
