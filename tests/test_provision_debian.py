@@ -199,9 +199,10 @@ def server():
                                      f"{HOLE_PORT},{BLOCKED_PORT}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         srv = Server(directory, config, directory / "id_ed25519", base, stat_of(base), env, log)
         began = time.monotonic()
-        dmzctl("up", str(config), check=True, env=env, timeout=300)
+        result = dmzctl("up", str(config), check=True, env=env, timeout=300)
         started = time.monotonic()
         report("dmzctl up (volumes, seed, network, table, start)", started - began)
+        print("\n".join(line for line in result.stdout.splitlines() if "started (" in line))
         while srv.ssh("true", timeout=30).returncode != 0:
             if time.monotonic() - started > BOOT_TIMEOUT:
                 text = serial_log(VM).read_text(errors="replace") if serial_log(VM).exists() else ""

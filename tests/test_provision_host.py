@@ -146,6 +146,16 @@ def test_down_keeps_the_volumes_and_the_base_image_owner(host):
     assert stat_of(host.base) == before
 
 
+def test_an_inactive_pool_is_started_and_its_volumes_kept(host):
+    root = volumes(POOL)[f"{VM}-root.qcow2"]
+    inode = os.stat(root).st_ino
+    run("virsh", "-q", "pool-destroy", POOL)
+    out = host.dmzctl("up", str(host.config())).stdout
+    assert f"storage pool {POOL} started" in out and " created (" not in out, out
+    assert os.stat(root).st_ino == inode and len(volumes(POOL)) == 3
+    host.dmzctl("down", str(host.config()), "--timeout", "0")
+
+
 def seed_meta_data(path: str) -> str:
     iso = pycdlib.PyCdlib()
     iso.open(path)
@@ -229,3 +239,24 @@ def test_an_absent_pool_of_another_name_is_one_line_and_changes_nothing(host):
     assert "storage pool 'pv-nosuchpool' does not exist" in result.stderr and "Traceback" not in result.stderr
     assert run("virsh", "-q", "net-info", DMZ, check=False).returncode != 0 or "Active:         no" in \
         run("virsh", "net-info", DMZ).stdout
+
+
+def test_a_failed_up_removes_the_volumes_it_made_and_keeps_one_that_was_there(host):
+    """The domain's start fails (its kernel is not a kernel: no check before can tell): what this
+    run created goes again, newest first; a data volume made beforehand stays."""
+    config = host.config()
+    run("virsh", "-q", "vol-create-as", POOL, f"{VM}-data.qcow2", "8M", "--format", "qcow2")
+    kept = run("virsh", "vol-key", "--pool", POOL, f"{VM}-data.qcow2").stdout
+    not_a_kernel = host.directory / "not-a-kernel"
+    not_a_kernel.write_bytes(b"\0" * 4096)
+    not_a_kernel.chmod(0o644)
+    config.write_text(config.read_text().replace(f'kernel = "{guest_dir() / "kernel"}"', f'kernel = "{not_a_kernel}"'))
+    try:
+        result = host.dmzctl("up", str(config), check=False)
+        assert result.returncode != 0, result.stdout
+        assert f"undone: volume {POOL}/{VM}-root.qcow2" in result.stdout, result.stdout
+        assert set(volumes(POOL)) == {f"{VM}-data.qcow2"}
+        assert run("virsh", "vol-key", "--pool", POOL, f"{VM}-data.qcow2").stdout == kept
+    finally:
+        dmzctl("down", str(config), "--timeout", "0")
+        remove_volumes(POOL, f"{VM}-")

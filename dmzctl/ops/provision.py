@@ -14,7 +14,7 @@ from ..desired import DesiredDMZ
 from ..host.virt import Virt
 from ..render.storage import DEFAULT_POOL_DIR
 from ..settings import Settings
-from ..state import Observed
+from ..state import Observed, observe_storage
 from .common import Outcome, Undo
 from .decide import StorageDecision, VolumeDecision, decide_storage
 
@@ -35,6 +35,10 @@ def up_storage(virt: Virt, desired: DesiredDMZ, observed: Observed, name: str, o
     elif decision.pool_action == "start":
         virt.start_pool(decision.pool)
         outcome.change(f"storage pool {decision.pool} started")
+        # An inactive pool shows no volumes: look again before deciding what to make.
+        for found, fresh in zip((observed.pools, observed.volumes, observed.seeds), observe_storage(virt, desired)):
+            found.update(fresh)
+        decision = decide_storage(desired, observed, name)
     for volume in decision.volumes:
         _make_volume(virt, volume, outcome, undo, settings, dmz)
         observed.volumes[(volume.pool, volume.name)] = virt.volume_info(volume.pool, volume.name)
