@@ -244,3 +244,43 @@ def test_seed_iso_reads_back_as_nocloud_expects_and_is_deterministic():
                 assert out.getvalue().decode() == text
     finally:
         iso.close()
+
+
+# --- what up decides (pure: from an observed state made up here) ---------------------------
+
+def observed_with(pool: bool, volumes: dict, seed: bytes | None):
+    from dmzctl.host.storage import PoolInfo
+    from dmzctl.state import Observed, TableState, seed_hash
+
+    pools = {"dmzctl": PoolInfo("dmzctl", "/var/lib/dmzctl/pool", True, True) if pool else None}
+    seeds = {"web": seed_hash(seed) if seed is not None else None}
+    return Observed(None, {}, TableState(None, None), {}, pools=pools, volumes=volumes, seeds=seeds)
+
+
+def live_volume(name: str, backing: str | None = None, capacity: int = 20 << 30):
+    from dmzctl.host.storage import VolumeInfo
+
+    return VolumeInfo("dmzctl", name, f"/var/lib/dmzctl/pool/{name}", f"/var/lib/dmzctl/pool/{name}", capacity,
+                      "qcow2", backing, "qcow2" if backing else None)
+
+
+def test_up_decides_pool_volumes_and_seed_and_never_a_root_volume_anew():
+    from dmzctl.ops.decide import decide_storage
+
+    dmz = server()
+    desired = build(dmz)
+    image = str(dmz.vm("web").image.path)
+    first = decide_storage(desired, observed_with(False, {}, None), "web")
+    assert first.pool_action == "create" and "<path>/var/lib/dmzctl/pool</path>" in first.pool_xml
+    assert [(v.kind, v.action) for v in first.volumes] == [("root", "create"), ("seed", "create")]
+    assert first.volumes[1].data == desired.seeds["web"]
+    root = live_volume("web-root.qcow2", image)
+    seed = live_volume("web-cidata.iso")
+    live = {("dmzctl", "web-root.qcow2"): root, ("dmzctl", "web-cidata.iso"): seed}
+    same = decide_storage(desired, observed_with(True, live, desired.seeds["web"]), "web")
+    assert (same.pool_action, same.volumes, same.notes) == (None, (), ())
+    changed = decide_storage(desired, observed_with(True, live, b"an older seed"), "web")
+    assert [(v.kind, v.action) for v in changed.volumes] == [("seed", "update")]
+    live[("dmzctl", "web-root.qcow2")] = live_volume("web-root.qcow2", "/img/older.qcow2")
+    other = decide_storage(desired, observed_with(True, live, desired.seeds["web"]), "web")
+    assert other.volumes == () and "never makes a root volume anew" in other.notes[0], other.notes

@@ -22,7 +22,9 @@ from ..render.nft import FAMILY, apply_batch
 from ..settings import Settings
 from ..state import Difference
 from ..xmlcompare import xml_diff
-from .decide import decide_domain, decide_firewall_action, decide_network, decide_nwfilters, decide_storage
+from .decide import (
+    StorageDecision, decide_domain, decide_firewall_action, decide_network, decide_nwfilters, decide_storage,
+)
 
 
 # --- the plan -----------------------------------------------------------------
@@ -46,6 +48,7 @@ class Plan:
     config: str
     steps: list[Step] = field(default_factory=list)
     differences: list[Difference] = field(default_factory=list)  # what status and check report
+    notes: list[str] = field(default_factory=list)  # what up will leave as it is, and say so
 
     @property
     def empty(self) -> bool:
@@ -53,7 +56,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"dmz": self.dmz, "config": self.config, "changes": [s.to_dict() for s in self.steps],
-                "differences": [d.to_dict() for d in self.differences]}
+                "differences": [d.to_dict() for d in self.differences], "notes": self.notes}
 
 
 def compute(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None,
@@ -74,13 +77,14 @@ def compute(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] 
                                "replaced whole in one transaction" if observed.table.exists else "",
                                firewall_diff(desired) if diffs else []))
     for name in vm_names:
-        plan.steps += _storage_steps(desired, observed, name)
+        storage = decide_storage(desired, observed, name)
+        plan.steps += _storage_steps(storage, name)
+        plan.notes += list(storage.notes) if storage is not None else []
         plan.steps += _domain_steps(desired, observed, name, restart_changed, diffs)
     return plan
 
 
-def _storage_steps(desired: DesiredDMZ, observed, name: str) -> list[Step]:
-    decision = decide_storage(desired, observed, name)
+def _storage_steps(decision: Optional[StorageDecision], name: str) -> list[Step]:
     if decision is None:
         return []
     steps = []
@@ -143,7 +147,7 @@ WORDS = {"define": "defined", "apply": "applied", "create": "created", "update":
 
 def format_plan(plan: Plan) -> str:
     untouched = [d for d in plan.differences if d.kind in UP_LEAVES]
-    notes = [f"  ! {d.line()} (up leaves it)" for d in untouched]
+    notes = [f"  ! {d.line()} (up leaves it)" for d in untouched] + [f"  ! {note}" for note in plan.notes]
     if plan.empty:
         return "\n".join([f"{plan.dmz}: nothing to do ({plan.config})"] + notes) + "\n"
     lines = [f"{plan.dmz}: {len(plan.steps)} change(s) ({plan.config})"]
