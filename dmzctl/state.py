@@ -24,6 +24,7 @@ from .implicit import SET_NAMES
 from .hooks.files import missing_hooks
 from .render.base import to_string
 from .render.nft import apply_batch
+from .render.storage import volumes_of
 
 IMPLICIT_SETS = set(SET_NAMES.values())
 
@@ -61,8 +62,6 @@ def seed_hash(data: bytes) -> str:
 
 def observe_storage(virt: Virt, desired: DesiredDMZ) -> tuple[dict, dict, dict]:
     """The pools, volumes and seeds of the DMZ's cloud-image VMs (pools, volumes, seeds)."""
-    from .render.storage import volumes_of
-
     vms = [vm for vm in desired.dmz.vms if vm.provisioned]
     pools: dict[str, Optional[PoolInfo]] = {vm.pool: None for vm in vms}
     for name in pools:
@@ -253,8 +252,6 @@ def _rule_detail(live_rules: dict, want_rules: dict, name: str) -> str:
 
 def _storage(desired: DesiredDMZ, vm, observed: Observed, found: list) -> None:
     """A cloud-image VM's pool, volumes and seed."""
-    from .render.storage import volumes_of
-
     if not vm.provisioned:
         return
     if observed.pools.get(vm.pool) is None:
