@@ -1,7 +1,7 @@
 """Bringing a DMZ up and down through libvirt and nftables, fail closed.
 
 Order in `up`: checks (nothing changed yet) -> hooks -> network -> nwfilters -> nft
-table -> the other DMZs' tables -> VMs. VMs start only when the network is active and
+table -> the other DMZs' tables -> VMs (each: its pool, volumes and seed, then the domain). VMs start only when the network is active and
 the table is in place. Whatever one run created is undone, newest first, when a later
 step fails. What to do to each object comes from ops/decide.py, on the state observed
 once at the start (state.py): `plan` shows the very same decisions.
@@ -30,6 +30,7 @@ from ..state import Observed, TableState, observe_table
 from .common import (Outcome, Say, Undo, bridge_netfilter_warnings, inspect_for_up, require_root, selected_vms,
                      table_only)
 from .decide import decide_domain, decide_firewall_action, decide_network, decide_nwfilters
+from .provision import up_storage
 
 
 # --- up ----------------------------------------------------------------------------
@@ -123,6 +124,8 @@ def apply_firewall(desired: DesiredDMZ, table: TableState, outcome: Outcome, und
 def _up_domain(virt: Virt, desired: DesiredDMZ, observed: Observed, name: str, restart_changed: bool,
                outcome: Outcome, undo: Undo, settings: Settings) -> None:
     dmz, vm = desired.dmz, desired.dmz.vm(name)
+    # Volumes and the seed first: a domain is never defined over a disk that is not there.
+    up_storage(virt, desired, observed, name, outcome, undo, settings)
     decision = decide_domain(desired, observed, name, restart_changed)
     if decision.define is not None:
         virt.define_domain(decision.want_xml)
