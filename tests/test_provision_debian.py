@@ -216,7 +216,7 @@ def server():
         if listener is not None:
             listener.terminate()
             listener.wait(10)
-        dmzctl("down", str(directory / f"{DMZ}.toml"), "--timeout", "0", env=env)
+        dmzctl("destroy", str(directory / f"{DMZ}.toml"), "--timeout", "0", env=env)
         wipe(DMZ, [VM])
         pool_down()
         lan_down()
@@ -287,8 +287,31 @@ def test_plan_has_no_volume_seed_or_vm_step_after_up(server):
 def test_down_keeps_the_volumes_and_the_base_image_owner(server):
     subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={server.directory}/ssh-%C", f"{USER}@{VM_IP}"],
                    capture_output=True, timeout=30)
-    dmzctl("down", str(server.config), check=True, env=server.env, timeout=200)
+    result = dmzctl("down", str(server.config), check=True, env=server.env, timeout=200)
+    # Real ACPI: systemd powers the guest off within its shutdown_timeout, not destroyed after it.
+    assert f"VM {VM} powered off" in result.stdout, result.stdout
+    log = serial_log(VM).read_text(errors="replace")
+    assert "systemd-shutdown[1]: Powering off." in log and "reboot: Power down" in log, log[-3000:]
     names = run("virsh", "-q", "vol-list", POOL).stdout
     assert f"{VM}-root.qcow2" in names and f"{VM}-data.qcow2" in names, names
     assert stat_of(server.base) == server.base_stat
     assert os.path.exists(server.base)
+    # Halted, not gone: virt-manager lists it "Shut off".
+    assert run("virsh", "domstate", VM).stdout.strip() == "shut off"
+
+
+def test_destroy_keeps_the_volumes_and_deletes_them_only_when_told(server):
+    kept = dmzctl("destroy", str(server.config), check=True, env=server.env)
+    assert f"VM {VM} undefined" in kept.stdout and "deleted" not in kept.stdout, kept.stdout
+    assert run("virsh", "dominfo", VM, check=False).returncode != 0
+    volumes = {f"{VM}-root.qcow2", f"{VM}-data.qcow2", f"{VM}-cidata.iso"}
+    assert volumes <= set(run("virsh", "-q", "vol-list", POOL).stdout.split()), "destroy deleted a volume"
+    # Data goes only on an explicit word: without a terminal, --yes.
+    refused = dmzctl("destroy", str(server.config), "--delete-volumes", env=server.env)
+    assert refused.returncode != 0 and "add --yes" in refused.stderr + refused.stdout, refused
+    assert volumes <= set(run("virsh", "-q", "vol-list", POOL).stdout.split())
+    gone = dmzctl("destroy", str(server.config), "--delete-volumes", "--yes", check=True, env=server.env)
+    for name in volumes:
+        assert f"volume {POOL}/{name} deleted" in gone.stdout, gone.stdout
+    assert not volumes & set(run("virsh", "-q", "vol-list", POOL).stdout.split())
+    assert stat_of(server.base) == server.base_stat  # the base image is never one of them

@@ -50,7 +50,8 @@ def volumes_to_delete(dmz: DMZ, names: list[str]) -> list[tuple[str, str]]:
 
 def _delete_volumes(virt: Virt, dmz: DMZ, names: list[str], outcome: Outcome) -> None:
     for pool, volume in volumes_to_delete(dmz, names):
-        if virt.delete_volume(pool, volume):
+        if virt.pool_info(pool) is not None and virt.volume_info(pool, volume) is not None:
+            virt.delete_volume(pool, volume)
             outcome.change(f"volume {pool}/{volume} deleted")
 
 
