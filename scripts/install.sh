@@ -71,9 +71,6 @@ link_is_ours() { [ -L "$1" ] && [ "$(readlink "$1")" = "$PREFIX/bin/dmzctl" ]; }
 completion_is_ours() { [ -f "$1" ] && grep -qxF "$HEADER ($PREFIX)" "$1"; }
 
 install_venv() {
-  if [ -e "$PREFIX" ] && ! ours && [ -n "$(ls -A "$PREFIX" 2>/dev/null)" ]; then
-    die "$PREFIX exists and is not a dmzctl install (no $PREFIX/$MARK): choose another --prefix"
-  fi
   [ -x /usr/bin/python3 ] || die "Debian's /usr/bin/python3 is missing (apt-get install python3)"
   /usr/bin/python3 -c 'import libvirt, nftables, venv' 2>/dev/null \
     || die "Debian's python3 cannot import libvirt, nftables and venv: install python3-libvirt python3-nftables python3-venv"
@@ -103,13 +100,24 @@ install_venv() {
   case "$where" in "$PREFIX"/*) ;; *) die "the installed python imports dmzctl from $where, not from $PREFIX" ;; esac
 }
 
-install_link() {
-  local link="$BIN_DIR/dmzctl"
-  if [ -e "$link" ] || [ -L "$link" ]; then
-    link_is_ours "$link" && { say "$link already links to $PREFIX/bin/dmzctl"; return; }
+# Before anything is changed: every destination is free or already this install's.
+preflight() {
+  local link="$BIN_DIR/dmzctl" completion="$COMPLETION_DIR/dmzctl"
+  if [ -e "$PREFIX" ] && ! ours && [ -n "$(ls -A "$PREFIX" 2>/dev/null)" ]; then
+    die "$PREFIX exists and is not a dmzctl install (no $PREFIX/$MARK): choose another --prefix"
+  fi
+  if { [ -e "$link" ] || [ -L "$link" ]; } && ! link_is_ours "$link"; then
     [ -L "$link" ] || die "$link exists and is not a link to an installed dmzctl: move it away first"
     die "$link links to $(readlink "$link"), another install: uninstall that one first (its --prefix)"
   fi
+  if [ -e "$completion" ] && ! completion_is_ours "$completion"; then
+    die "$completion exists and is not this install's bash completion: move it away first"
+  fi
+}
+
+install_link() {
+  local link="$BIN_DIR/dmzctl"
+  if link_is_ours "$link"; then say "$link already links to $PREFIX/bin/dmzctl"; return; fi
   mkdir -p "$BIN_DIR"
   ln -s "$PREFIX/bin/dmzctl" "$link"
   say "linked $link -> $PREFIX/bin/dmzctl"
@@ -117,10 +125,6 @@ install_link() {
 
 install_completion() {
   local target="$COMPLETION_DIR/dmzctl" script
-  if [ -e "$target" ] && ! completion_is_ours "$target"; then
-    grep -q _DMZCTL_COMPLETE "$target" 2>/dev/null \
-      || die "$target exists and is not dmzctl's completion: move it away first"
-  fi
   script="$(cd / && _DMZCTL_COMPLETE=source_bash "$PREFIX/bin/dmzctl")" \
     || die "the installed dmzctl did not print its bash completion"
   case "$script" in *"complete -o default -F"*) ;; *) die "the installed dmzctl printed no bash completion" ;; esac
@@ -146,6 +150,7 @@ record() {
 
 do_install() {
   local began=$SECONDS
+  preflight
   if [ "$PACKAGES" = yes ]; then
     # shellcheck source=scripts/packages.sh
     . "$SRC/scripts/packages.sh"
