@@ -17,7 +17,7 @@
 # record in PREFIX is gone):
 #   DMZCTL_INSTALL_BIN_DIR         the PATH directory of the link   (/usr/local/sbin)
 #   DMZCTL_INSTALL_COMPLETION_DIR  bash completion                  (/usr/share/bash-completion/completions)
-#   DMZCTL_HOOKS_DIR               libvirt's hook directory         (/etc/libvirt/hooks)
+#   DMZCTL_HOOKS_DIR               libvirt's hook directory         (/etc/libvirt/hooks; `up` reads it too)
 #   DMZCTL_INSTALL_UNIT_DIR        systemd's unit directory         (/etc/systemd/system)
 set -euo pipefail
 unset PYTHONPATH PYTHONHOME PYTHONUSERBASE  # nothing of the caller's Python reaches the installed copy

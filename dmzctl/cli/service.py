@@ -67,9 +67,8 @@ def install(
         show_default=False)] = None,
     hooks: Annotated[bool, typer.Option("--hooks/--no-hooks", help="libvirt qemu and network hooks")] = True,
     uninstall: Annotated[bool, typer.Option("--uninstall", help="Remove what install put there")] = False,
-    hooks_dir: Annotated[Optional[Path], typer.Option(
-        "--hooks-dir", help="libvirt's hook directory (default: $DMZCTL_HOOKS_DIR or /etc/libvirt/hooks)",
-        show_default=False)] = None,
+    hooks_dir: Annotated[Path, typer.Option("--hooks-dir", help="libvirt's hook directory")] = Path(
+        "/etc/libvirt/hooks"),
     unit_dir: Annotated[Path, typer.Option("--unit-dir", help="systemd's unit directory")] = Path(
         "/etc/systemd/system"),
 ) -> None:
@@ -78,13 +77,10 @@ def install(
     from ..ops.install import install as install_all
     from ..ops.common import require_root
 
-    settings = settings_of(ctx)
-    hooks_at = hooks_dir or settings.hooks_dir
-
     def action():
-        if hooks_at == Path("/etc/libvirt/hooks") or unit_dir == Path("/etc/systemd/system"):
+        if hooks_dir == Path("/etc/libvirt/hooks") or unit_dir == Path("/etc/systemd/system"):
             require_root()
-        for line in install_all(systemd, hooks, hooks_at, unit_dir, remove=uninstall).lines:
+        for line in install_all(systemd, hooks, hooks_dir, unit_dir, remove=uninstall).lines:
             typer.echo(line)
 
-    run(action, settings.debug)
+    run(action, settings_of(ctx).debug)
