@@ -148,6 +148,20 @@ record() {
   } >"$PREFIX/$MARK"
 }
 
+# `dmzctl install` of the installed copy; libvirtd looks for hooks only when it starts or reloads, so
+# when it runs and the real hooks are new it is told (SIGHUP), as `dmzctl up` does when it adds them.
+integrate() {
+  local out="$stage/.install.out" pid
+  (cd / && "$PREFIX/bin/dmzctl" install "${SYSTEMD[@]}" --hooks-dir "$HOOKS_DIR" --unit-dir "$UNIT_DIR") >"$out" \
+    || { sed 's/^/install.sh: dmzctl install: /' "$out"; die "dmzctl install failed (its message above)"; }
+  sed 's/^/install.sh: dmzctl install: /' "$out"
+  if [ "$HOOKS_DIR" = /etc/libvirt/hooks ] && grep -q '^hooks: installed' "$out"; then
+    for pid in $(pgrep -x 'libvirtd|virtqemud|virtnetworkd' || true); do
+      kill -HUP "$pid" && say "told $(cat "/proc/$pid/comm" 2>/dev/null) (pid $pid) to read the new hooks (SIGHUP)"
+    done
+  fi
+}
+
 do_install() {
   local began=$SECONDS
   preflight
@@ -160,8 +174,7 @@ do_install() {
   record
   install_link
   install_completion
-  (cd / && "$PREFIX/bin/dmzctl" install "${SYSTEMD[@]}" --hooks-dir "$HOOKS_DIR" --unit-dir "$UNIT_DIR") \
-    | sed 's/^/install.sh: dmzctl install: /' || die "dmzctl install failed (its message above)"
+  integrate
   say "dmzctl installed in $PREFIX in $((SECONDS - began)) s ($(du -sh "$PREFIX" | cut -f1)); run: dmzctl --help"
   case ":$PATH:" in *":$BIN_DIR:"*) ;; *) say "note: $BIN_DIR is not on this shell's PATH" ;; esac
 }

@@ -134,6 +134,21 @@ def test_hooks_and_units_run_the_installed_copy(installed):
         assert str(installed.source) not in text and str(ROOT) not in text and "@DMZCTL@" not in text
 
 
+def test_the_installed_network_hook_imports_dmzctl_from_the_prefix(installed):
+    """Run as libvirt runs it: `start begin` of a network with dmzctl metadata whose config is gone.
+    The hook imports dmzctl (from the prefix: the clone is away) and lets the network start, saying why
+    there was no table."""
+    hook = installed.hooks / "network.d" / "dmzctl"
+    xml = ('<network><name>inst-net</name><metadata><dmzctl:network xmlns:dmzctl="http://dmzctl.org/xmlns/'
+           f'dmzctl/1.0" dmz="inst-x" config="{installed.base}/gone.toml"/></metadata></network>')
+    env = installed.env(DMZCTL_RUN_DIR=str(installed.base / "run"), DMZCTL_EVENT_LOG=str(installed.base / "events.log"))
+    result = subprocess.run([str(hook), "inst-net", "start", "begin", "-"], input=xml, env=env, cwd="/",
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "network inst-net started without its firewall table from the hook" in result.stderr, result.stderr
+    assert "gone.toml: no such file" in result.stderr and "Traceback" not in result.stderr
+
+
 def complete(installed: Install, *words: str) -> list[str]:
     """What bash's completion offers after `words` (the last one is being typed), from the installed
     completion script calling the installed dmzctl through PATH."""
