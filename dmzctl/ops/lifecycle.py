@@ -10,19 +10,18 @@ once at the start (state.py): `plan` shows the very same decisions.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable, Optional
 
 from .. import events, xmlcompare
-from ..config import DMZ, VM, load_dmz
+from ..config import DMZ, VM
 from ..desired import DesiredDMZ
-from ..errors import DmzctlError, HostError, LockedError
+from ..errors import DmzctlError, HostError
 from ..hooks import files as hook_files
-from ..host import facts, images, nft
+from ..host import images, nft
 from ..host.lock import SHARED_FILTERS, dmz_lock, held_down_marker
 from ..host.virt import Virt
-from ..implicit import blocks_for
 from ..render.base import to_string
 from ..render.nft import apply_batch, delete_batch, table_name
 from ..settings import Settings
@@ -31,6 +30,7 @@ from .common import (Outcome, Say, Undo, bridge_netfilter_warnings, inspect_for_
                      table_only)
 from .decide import decide_domain, decide_firewall_action, decide_network, decide_nwfilters
 from .provision import up_storage
+from .refresh import refresh_other_tables
 
 
 # --- up ----------------------------------------------------------------------------
@@ -59,8 +59,9 @@ def up(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = Non
             raise HostError(f"firewall table {desired.table} is missing; no VM is started without it")
         # The other DMZs must block this one's subnets before its VMs run (and vice versa).
         refresh_other_tables(dmz, outcome, settings, virt)
-        for name in vm_names:
-            _up_domain(virt, desired, observed, name, restart_changed, outcome, undo, settings)
+        to_start = [name for name in vm_names
+                    if _up_domain(virt, desired, observed, name, restart_changed, outcome, undo, settings)]
+        start_vms(virt, dmz, to_start, outcome, undo, settings)
     except BaseException:
         if undo.steps:
             say(f"{dmz.name}: failed; undoing what this run did")
@@ -122,7 +123,8 @@ def apply_firewall(desired: DesiredDMZ, table: TableState, outcome: Outcome, und
 
 
 def _up_domain(virt: Virt, desired: DesiredDMZ, observed: Observed, name: str, restart_changed: bool,
-               outcome: Outcome, undo: Undo, settings: Settings) -> None:
+               outcome: Outcome, undo: Undo, settings: Settings) -> bool:
+    """Storage, definition, restart, autostart of one VM; True when it is to be started."""
     dmz, vm = desired.dmz, desired.dmz.vm(name)
     # Volumes and the seed first: a domain is never defined over a disk that is not there.
     up_storage(virt, desired, observed, name, outcome, undo, settings)
@@ -141,13 +143,34 @@ def _up_domain(virt: Virt, desired: DesiredDMZ, observed: Observed, name: str, r
                                f"(dmzctl up --restart-changed)")
     if virt.domain_info(name).autostart != vm.autostart:
         virt.set_autostart(name, vm.autostart)
-    if not virt.is_running(name):
-        (outcome.say or print)(f"{dmz.name}: starting {name}")
+    return not virt.is_running(name)
+
+
+def start_vms(virt: Virt, dmz: DMZ, names: list[str], outcome: Outcome, undo: Undo, settings: Settings) -> None:
+    """Start them all at once (libvirt creates domains in parallel): `up` of N VMs takes about as long
+    as one. The table is in place before this is called. Every VM that started is undone on any failure."""
+    say = outcome.say or print
+    for name in names:
+        say(f"{dmz.name}: starting {name}")
+
+    def start(name: str) -> float:
         began = time.monotonic()
-        start_vm(virt, vm, dmz)
-        outcome.change(f"VM {name} started ({time.monotonic() - began:.1f} s)")
+        start_vm(virt, dmz.vm(name), dmz)
+        return time.monotonic() - began
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), 8)), thread_name_prefix="start") as pool:
+        futures = {name: pool.submit(start, name) for name in names}
+    failures = []
+    for name, future in futures.items():
+        error = future.exception()
+        if error is not None:
+            failures.append(error)
+            continue
+        outcome.change(f"VM {name} started ({future.result():.1f} s)")
         events.record(settings.event_log, f"dmz={dmz.name} vm={name} started")
-        undo.add(f"VM {name} start", lambda: virt.destroy_domain(name))
+        undo.add(f"VM {name} start", lambda name=name: virt.destroy_domain(name))
+    if failures:
+        raise failures[0]
 
 
 def start_vm(virt: Virt, vm: VM, dmz: DMZ) -> None:
@@ -176,59 +199,6 @@ def limits_start_hint(message: str, vm: VM) -> Optional[str]:
         return (f"{where}: cpu_per_vcpu and memory_max need libvirt's cgroup cpu and memory controllers; "
                 f"mount them or remove those limits")
     return None
-
-
-def refresh_other_tables(dmz: DMZ, outcome: Outcome, settings: Settings, virt: Optional[Virt] = None) -> None:
-    """Re-apply every other live DMZ table that the host's networks have made stale, and (with virt)
-    their VMs' nwfilters, whose host-address block lists the host's addresses (a new bridge adds one).
-
-    Their configs are found through their networks' metadata. A DMZ held by another
-    dmzctl run is left to it (it renders with the view it reads), as is one whose
-    table an admin took down on purpose.
-    """
-    view = facts.host_view()
-    others = {network.dmz: network.config for network in view.networks
-              if network.dmz and network.dmz != dmz.name and network.config}
-    for name, config in sorted(others.items()):
-        try:
-            other = load_dmz(Path(config))
-        except DmzctlError as error:
-            outcome.pending.append(f"DMZ {name}: its table could not be refreshed: {str(error).splitlines()[0]}")
-            continue
-        if other.name != name:
-            continue
-        try:
-            with dmz_lock(settings.run_dir, name, timeout=0):
-                if virt is not None:
-                    _refresh_block_filters(virt, other, view, outcome)
-                _refresh_table(other, view, outcome, settings, dmz.name)
-        except LockedError:
-            continue
-
-
-def _refresh_table(other: DMZ, view, outcome: Outcome, settings: Settings, by: str) -> None:
-    table = table_name(other)
-    if held_down_marker(settings.run_dir, other.name).exists() or not nft.table_exists(table):
-        return  # taken down on purpose, or the DMZ is down
-    batch = apply_batch(other, blocks_for(other, view))
-    if nft.canonical(nft.list_table(table)) == nft.kernel_form(batch, table):
-        return
-    nft.apply(batch)
-    outcome.change(f"firewall table inet {table} of DMZ {other.name} refreshed (the host's networks changed)")
-    events.record(settings.event_log, f"dmz={other.name} firewall table {table} refreshed by dmzctl of {by}")
-
-
-def _refresh_block_filters(virt: Virt, other: DMZ, view, outcome: Outcome) -> None:
-    """Another DMZ's defined filters, as its `up` would render them with today's host addresses."""
-    from ..render.nwfilter import render_nwfilters
-    from ..state import same_filter
-
-    for vm in other.vms:
-        for name, element in render_nwfilters(other, vm, view.addresses).items():
-            live = virt.nwfilter_xml(name)
-            if live is not None and not same_filter(live, element):
-                virt.define_nwfilter(to_string(element))
-                outcome.change(f"nwfilter {name} of DMZ {other.name} refreshed (the host's addresses changed)")
 
 
 # --- down ----------------------------------------------------------------------------

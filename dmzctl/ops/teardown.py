@@ -16,7 +16,8 @@ from ..host.virt import Virt
 from ..render.nwfilter import CLEAN_TRAFFIC, VM_FILTER_SUFFIXES
 from ..settings import Settings
 from .common import Outcome, Say, require_root, selected_vms
-from .lifecycle import down, owned_domains, refresh_other_tables, stop_domains
+from .lifecycle import down, owned_domains, stop_domains
+from .refresh import refresh_other_tables
 
 def destroy(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None,
             timeout: Optional[float] = None, delete_volumes: bool = False, say: Say = print) -> Outcome:
