@@ -20,6 +20,8 @@ PACKAGES=(
   virt-viewer virt-manager gir1.2-spiceclientgtk-3.0 gir1.2-spiceclientglib-2.0 xvfb xdotool imagemagick
   # the realistic Debian guest and its cloud-init seed (scripts/build-debian-guest.sh, tests/test_debian_guest.py)
   debootstrap xorriso openssh-client
+  # the usual way, measured against dmzctl up (scripts/bench_provision.py): virt-install
+  virtinst
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do
