@@ -128,7 +128,8 @@ def meta_data(instance_id: str, hostname: str = VI.vm) -> str:
 
 
 def network_config(mac: str = VI.mac) -> str:
-    """cloud-init network-config v2: the static address, matched by the MAC given to virt-install."""
+    """cloud-init network-config v2: the static addresses, routes and DNS (the gateway's dnsmasq), matched by the
+    MAC given to virt-install; the same content dmzctl generates for its seed."""
     return f"""version: 2
 ethernets:
   eth0:
@@ -139,6 +140,10 @@ ethernets:
     routes:
       - to: 0.0.0.0/0
         via: {GATEWAY4}
+      - to: "::/0"
+        via: "{GATEWAY6}"
+    nameservers:
+      addresses: [{GATEWAY4}, "{GATEWAY6}"]
 """
 
 
@@ -540,6 +545,7 @@ class Bench:
             if path.startswith(f"{self.workdir}/") or (path == SCRATCH and name not in self.pools_before):
                 quiet("virsh", "-c", URI, "pool-destroy", name)
                 quiet("virsh", "-c", URI, "pool-undefine", name)
+                quiet("virsh", "-c", URI, "pool-destroy", name)  # had it stayed active, it is transient now
                 self.pools_removed.add(f"{name} ({path})")
         for path in (Path(f"/var/log/libvirt/qemu/{VI.vm}.log"),):
             path.unlink(missing_ok=True)

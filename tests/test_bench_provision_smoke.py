@@ -130,6 +130,15 @@ def test_report_from_made_up_runs(tmp_path):
     assert burden["**files to write / lines**"][2] == f"1 / {bp.significant_lines(bp.dmzctl_config(GUEST, KEY))}"
 
 
+def test_report_names_the_pools_virt_install_left(tmp_path):
+    burdens = {"virt-install": bp.virt_install_burden(GUEST, KEY, "{}", "table inet bvi-fw {\n}\n", tmp_path),
+               "dmzctl": bp.dmzctl_burden(GUEST, KEY)}
+    text = bp.render_report(_runs(), ["virt-install"], [], burdens, 3, "debian",
+                            {"virt-install": {"machine": "pc-i440fx-7.2"}}, ["boot (/var/lib/libvirt/boot)"])
+    assert "`boot (/var/lib/libvirt/boot)`" in text.split("## Notes")[1]
+    assert "| machine | pc-i440fx-7.2 |" in text
+
+
 def test_ratio_row_when_both_ways_ran():
     runs = _runs()[:3] + [bp.Run("dmzctl", 1, 1.0, command=5.0, vm_started=5.0, ssh=55.0)]
     rows = bp.results_rows(runs, list(bp.WAYS))
