@@ -65,7 +65,7 @@ VM_IP, VM_IP6 = "10.221.0.10", "fdd0:221::10"
 PROTECTED = "10.222.0.0/24"
 MEMORY_MIB, VCPUS, DISK_SIZE = 768, 1, "4GiB"
 DEFAULT_USER = "debian"  # the cloud image's default user (Debian's cloud.cfg); keys from top-level ssh_authorized_keys
-SSH_TIMEOUT = 480.0      # a TCG guest on a shared 2-core machine: 90-185 s measured (docs/debian-guest.md)
+SSH_TIMEOUT = 600.0      # a TCG guest on a shared 2-core machine: 90-185 s at load 2, over 400 s at load 8
 BENCH_LOCK = Path("/run/dmzctl-bench-provision.lock")
 NOT_MEASURED = "to be measured after the provisioning branch merges"
 SCRATCH = "/var/lib/libvirt/boot"   # virtinst's scratch directory (as root) for the cloud-init seed ISO
@@ -309,7 +309,8 @@ class Run:
 
 def sh(argv: list[str], check: bool = True, timeout: float = 300, env: Optional[dict] = None
        ) -> subprocess.CompletedProcess:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    """Run a command (from this working tree, so that `python -m dmzctl.cli` is this tree's dmzctl)."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} ... exited {result.returncode}: "
                            f"{(result.stderr or result.stdout).strip()[-1500:]}")
@@ -320,33 +321,41 @@ def quiet(*argv: str) -> None:
     subprocess.run(list(argv), capture_output=True, timeout=120)
 
 
-def ssh_banner(address: str) -> bool:
+def ssh_banner(address: str, bridge: str) -> bool:
+    """sshd's banner, asked for through the DMZ bridge only (SO_BINDTODEVICE): were the bridge gone, the
+    probe fails here instead of following the host's default route off the machine."""
     try:
-        with socket.create_connection((address, 22), timeout=1) as conn:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, bridge.encode())
+            conn.settimeout(1)
+            conn.connect((address, 22))
             conn.settimeout(3)
             return conn.recv(16).startswith(b"SSH-")
     except OSError:
         return False
 
 
-def ssh_argv(key: Path, user: str) -> list[str]:
+def ssh_argv(key: Path, user: str, bridge: str) -> list[str]:
     return ["ssh", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=3",
-            "-o", "LogLevel=ERROR", f"{user}@{VM_IP}", "true"]
+            "-o", f"BindInterface={bridge}", "-o", "LogLevel=ERROR", f"{user}@{VM_IP}", "true"]
 
 
-def wait_for_ssh(run: Run, t0: float, key: Path, user: str, timeout: float = SSH_TIMEOUT) -> None:
-    """Banner first (a cheap TCP probe every 0.5 s), then `ssh ... true` every 0.5 s until it succeeds."""
+def wait_for_ssh(run: Run, t0: float, key: Path, user: str, bridge: str, timeout: float = SSH_TIMEOUT) -> None:
+    """Banner first (a cheap TCP probe every 0.5 s), then `ssh ... true` every 0.5 s until it succeeds; both only
+    through the DMZ's bridge."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if not Path(f"/sys/class/net/{bridge}").exists():
+            raise RuntimeError(f"bridge {bridge} is gone: not probing {VM_IP} (it would leave the machine)")
         if run.banner is None:
-            if ssh_banner(VM_IP):
+            if ssh_banner(VM_IP, bridge):
                 run.banner = time.monotonic() - t0
             else:
                 time.sleep(0.5)
                 continue
         try:
-            ok = subprocess.run(ssh_argv(key, user), capture_output=True, timeout=30).returncode == 0
+            ok = subprocess.run(ssh_argv(key, user, bridge), capture_output=True, timeout=30).returncode == 0
         except subprocess.TimeoutExpired:
             ok = False
         if ok:
@@ -522,7 +531,7 @@ class Bench:
             timed("qemu-img create", qemu_img_argv(self.guest, overlay))
             timed.started(VI.vm, timed("virt-install", virt_install_argv(self.guest, overlay, files)))
             run.firewall = run.command = timed(*load)
-            wait_for_ssh(run, timed.t0, self.key, self.args.user)
+            wait_for_ssh(run, timed.t0, self.key, self.args.user, VI.bridge)
             self.domains.setdefault("virt-install", domain_facts(VI.vm))
         except Exception as error:  # noqa: BLE001 - a failed run is reported, the others still run
             run.error = str(error).splitlines()[0][:300]
@@ -560,7 +569,7 @@ class Bench:
             run.command = timed("dmzctl up", [sys.executable, "-m", "dmzctl.cli", "up", str(self.dmzctl_config_path())],
                                 env=self.env)
             timed.started(DZ.vm, run.command)
-            wait_for_ssh(run, timed.t0, self.key, self.args.user)
+            wait_for_ssh(run, timed.t0, self.key, self.args.user, DZ.bridge)
             self.domains.setdefault("dmzctl", domain_facts(DZ.vm))
         except Exception as error:  # noqa: BLE001
             run.error = str(error).splitlines()[0][:300]
@@ -801,7 +810,8 @@ SETUP = f"""- Guest: the Debian 12 cloud image of `scripts/build-debian-guest.sh
   the table, then starts the VM).
 - "SSH answers": `ssh -i key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=3
   USER@{VM_IP} true` succeeds, from the host (the DMZ's gateway; the table restricts only flows that the DMZ
-  starts). The host probes sshd's banner every 0.5 s, then tries the login every 0.5 s.
+  starts), bound to the DMZ's bridge (`-o BindInterface`). The host probes sshd's banner every 0.5 s, then
+  tries the login every 0.5 s.
 - Between runs everything of the way is removed, untimed: domain, overlay or volumes, network, filters, table."""
 
 BURDEN_INTRO = """Counted from the files and commands this benchmark actually uses (lines: not empty, not comments;

@@ -83,6 +83,12 @@ def test_the_rendered_table_renamed_for_the_admin(tmp_path):
     assert "dmzctl-bvi" not in text and f'"{bp.VI.table}"' in text and f'"{bp.VI.bridge}"' in text
 
 
+def test_probes_stay_on_the_dmz_bridge():
+    argv = bp.ssh_argv(Path("/k"), "debian", "bvi0")
+    assert "BindInterface=bvi0" in argv and argv[-2:] == [f"debian@{bp.VM_IP}", "true"]
+    assert bp.ssh_banner(bp.VM_IP, "bprov-no-such-if0") is False  # bound to a missing device: nothing is sent
+
+
 def test_line_counting():
     assert bp.significant_lines("#cloud-config\n\n# a comment\nhostname: x\n  # indented comment\n") == 2
     assert bp.significant_lines('[dmz]\nname = "x"  # trailing comment counts\n') == 2
