@@ -20,6 +20,8 @@ TEST_PACKAGES=(
   debootstrap xorriso openssh-client
   # the report seen in a real headless browser (tests/test_report.py)
   chromium chromium-driver
+  # the usual way, measured against dmzctl up (scripts/bench_provision.py): virt-install
+  virtinst
 )
 
 # install_packages PKG...: apt-get install those not installed yet (as root); says which.
