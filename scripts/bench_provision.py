@@ -551,6 +551,8 @@ class Bench:
         # virt-install defines (and autostarts) a storage pool for each directory holding a disk or its seed
         # that is in no pool yet: the run's directory, and libvirt's scratch directory for the seed ISO.
         for name, path in storage_pools().items():
+            if name == DZ.pool:
+                continue  # dmzctl's way's own pool, defined by this run for both rounds
             if path.startswith(f"{self.workdir}/") or (path == SCRATCH and name not in self.pools_before):
                 quiet("virsh", "-c", URI, "pool-destroy", name)
                 quiet("virsh", "-c", URI, "pool-undefine", name)
