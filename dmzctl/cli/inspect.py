@@ -84,6 +84,9 @@ def explain(
         "--outside", help="--from is beyond the DMZ (LAN, internet), not a forged source inside it")] = False,
     flood: Annotated[bool, typer.Option(
         "--flood", help="The sending VM is over its caps (max_new_flows, max_flows)")] = False,
+    resolved: Annotated[Optional[list[str]], typer.Option(
+        "--resolved", help="A DNS name the VM looked up through the gateway, whose answer held --to "
+                           "(an egress allowlist by name; repeatable)")] = None,
     host_address: Annotated[Optional[list[str]], typer.Option(
         "--host-address", help="An address of this host besides the gateways (repeatable)")] = None,
     no_read_host: Annotated[bool, typer.Option(
@@ -95,7 +98,7 @@ def explain(
 
     def action():
         dmz = _one_dmz(configs)
-        flow = make_flow(dmz, source, target, proto, icmp_type, outside, flood)
+        flow = make_flow(dmz, source, target, proto, icmp_type, outside, flood, tuple(resolved or ()))
         hosts, bridge_netfilter, blocks = list(host_address or []), None, None
         if not no_read_host:
             from ..host.facts import host_view

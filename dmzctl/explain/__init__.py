@@ -43,6 +43,7 @@ from ..render.nft import log_prefix
 from .flow import (PORT_PROTOS, PROTO_NAMES, PROTO_NUMBERS, Decision, ExplainError, Flow,  # noqa: F401
                    format_decision, make_flow, parse_proto, parse_target)
 from .order import ORDER, rule_kind  # noqa: F401
+from .edges import egress_end, from_outside
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -251,6 +252,9 @@ def explain(dmz: DMZ, flow: Flow, host_addresses: Iterable = (),
 def _from_outside(dmz: DMZ, flow: Flow, hosts: frozenset) -> Decision:
     trace = ("forward 1 established/related: not applicable (a new flow)",
              f"forward 2 does not enter from the DMZ bridge {dmz.bridge}: the chain's policy accepts")
+    decision = from_outside(dmz, flow, hosts, [trace[0], f"forward 2 does not enter from the DMZ bridge {dmz.bridge}"])
+    if decision is not None:
+        return decision
     if _in_dmz_subnet(dmz, flow.dst):
         if dmz.mode == "nat":
             return Decision(False, "libvirt-nat", "libvirt NAT network", None, "forward",
@@ -298,14 +302,7 @@ def _forward(dmz: DMZ, flow: Flow, blocks: tuple[Blocked, ...], walk: Optional[_
                            f"{flow.dst} is in {block.net}: {block.reason}, blocked without being listed "
                            f"(a [[dmz.allow]] hole opens it)", log_reason=LOG_REASONS[block.kind])
     walk.trace.append(f"from_dmz 8 {flow.dst} in no implicit block (other DMZs, host subnets, private ranges)")
-    if dmz.egress == "none":
-        walk.trace.append('from_dmz 9 egress = "none": jump egress')
-        return walk.decide(False, "egress", "egress none", "egress",
-                           'egress = "none": the DMZ reaches nothing beyond its holes', log_reason="egress")
-    walk.trace.append('from_dmz 9 egress = "any": end of chain, policy accept')
-    decision = walk.decide(True, "egress-any", "forward policy accept", "from_dmz",
-                           'not protected, not the host, not implicitly blocked, and egress = "any"')
-    return _after_libvirt(dmz, flow, decision)
+    return _after_libvirt(dmz, flow, egress_end(walk, dmz, flow))
 
 
 def _after_libvirt(dmz: DMZ, flow: Flow, decision: Decision) -> Decision:
