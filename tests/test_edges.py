@@ -158,7 +158,7 @@ def from_guest(host: str, port: int) -> bool:
 
 
 def lookup(name: str, server: str) -> str:
-    _rc, out = in_guest(VM_IP, f"timeout 5 nslookup {name} {server} 2>&1")
+    _rc, out = in_guest(VM_IP, f"timeout 10 nslookup {name} {server} 2>&1")
     return out
 
 
@@ -198,7 +198,8 @@ def world(tmp_path_factory):
             ["ip", "netns", "exec", WAN_NS, "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv",
              "--no-hosts", "--bind-interfaces", f"--listen-address={RESOLVER}", "--user=root", "--group=root",
              f"--pid-file={tmp / 'dnsmasq.pid'}", f"--address=/mirror.test/{MIRROR}",
-             f"--address=/mirror.test/{MIRROR6}", f"--address=/other.test/{OTHER}"],
+             f"--address=/mirror.test/{MIRROR6}", f"--address=/other.test/{OTHER}",
+             "--address=/other.test/2001:db8:110::10"],
             stdout=subprocess.DEVNULL, stderr=open(tmp / "dnsmasq.err", "w")))
         for ns, port in ((WAN_NS, "80"), (WAN_NS, "25"), (LAN_NS, "80")):
             listeners.append(subprocess.Popen(["ip", "netns", "exec", ns, "busybox", "nc", "-ll", "-p", port,
@@ -344,3 +345,21 @@ EGRESS = [
 def test_egress_allowlist_by_prefix_and_its_order(world, label, host, port, expected):
     assert explained(world["config"], VM, _target(host, port)) == expected, "explain"
     assert from_guest(host, port) == expected, label
+
+
+def test_verify_from_outside_shows_what_is_published_and_nothing_else(world):
+    import json
+
+    result = dmzctl("verify", str(world["config"]), "--from-outside", "--json", "--skip", "192.0.2.0/24",
+                    "--skip", "fd00::/64", "--timeout", "3")
+    report = json.loads(result.stdout)[0] if result.stdout.startswith("[") else json.loads(result.stdout)
+    # The guest's UDP echo listens on IPv4 only: its IPv6 row is allowed but unconfirmed.
+    unconfirmed = [(p["dst"], p["proto"], p["port"]) for p in report["probes"] if p["status"] == "unconfirmed"]
+    assert unconfirmed == [(VM_IP6, "udp", 8081)], result.stdout
+    assert report["counts"]["MISMATCH"] == 0 and report["counts"]["error"] == 0 and not report["problems"], \
+        result.stdout + result.stderr
+    rows = {(p["dst"], p["proto"], p["port"]): p for p in report["probes"]}
+    for key in ((VM_IP, "tcp", 8080), (VM_IP6, "tcp", 8080), (PUBLIC, "tcp", 80), (VM_IP, "udp", 8081)):
+        assert rows[key]["expected"] == "allowed" and rows[key]["status"] == "ok", rows[key]
+    for key in ((VM_IP, "tcp", 8081), (VM_IP, "tcp", 22), (VM_IP6, "tcp", 22), (VM2_IP, "tcp", 22)):
+        assert rows[key]["expected"] == "blocked" and rows[key]["status"] == "ok", rows[key]
