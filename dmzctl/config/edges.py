@@ -186,7 +186,7 @@ def _egress_target(check: Checker, entry: dict, where: str, scope: DmzScope):
             return None
         return name
     own = scope.subnet(net.version)
-    if own is not None and net.overlaps(own):
+    if own is not None and net.subnet_of(own):
         check.problem(f"{where}.to", f"{net} is inside the DMZ itself; egress is about what lies beyond it")
         return None
     if net.version == 6 and scope.gateway6 is None:
