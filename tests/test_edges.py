@@ -363,3 +363,14 @@ def test_verify_from_outside_shows_what_is_published_and_nothing_else(world):
         assert rows[key]["expected"] == "allowed" and rows[key]["status"] == "ok", rows[key]
     for key in ((VM_IP, "tcp", 8081), (VM_IP, "tcp", 22), (VM_IP6, "tcp", 22), (VM2_IP, "tcp", 22)):
         assert rows[key]["expected"] == "blocked" and rows[key]["status"] == "ok", rows[key]
+
+
+def test_plan_sees_nothing_to_do_with_filled_name_sets(world):
+    """The network with its dnsmasq options and forwarder reads back as rendered, and the elements dnsmasq
+    added to the name sets are state, not drift."""
+    assert MIRROR in lookup("mirror.test", "10.234.0.1")
+    result = dmzctl("plan", str(world["config"]), "--vm", VM)
+    # (The nwfilters and the other-DMZ sets may differ: other tests' DMZs and namespaces come and go.)
+    steps = [line for line in result.stdout.splitlines() if line.startswith("  ") and not line.startswith("    ")]
+    assert not [s for s in steps if " network " in s], result.stdout
+    assert MIRROR not in result.stdout and "names" not in result.stdout, result.stdout

@@ -101,3 +101,5 @@ def dns_for_egress(net: etree._Element, dmz: DMZ) -> None:
         holder = etree.SubElement(net, f"{{{DNSMASQ_NS}}}options", nsmap={"dnsmasq": DNSMASQ_NS})
         for value in options:
             etree.SubElement(holder, f"{{{DNSMASQ_NS}}}option", value=value)
+        # Declared on <network>, where libvirt writes it back: the live document then reads as rendered.
+        etree.cleanup_namespaces(net, top_nsmap={"dnsmasq": DNSMASQ_NS})
