@@ -221,6 +221,10 @@ ROWS = [
     ("db", "151.101.1.1:587", "tcp", False, ("relay.example.org",), False, "egress"),
     ("web", "9.9.9.9:53", "udp", False, (), False, "dns-elsewhere"),
     ("web", "10.80.0.1:53", "udp", False, (), True, "dns"),
+    ("db", "203.0.113.5:443", "tcp", False, (), True, "within-dmz"),  # hairpin through the DNAT address
+    ("db", "198.19.0.1:8080", "tcp", False, (), True, "within-dmz"),
+    ("db", "198.19.0.1:8081", "tcp", False, (), False, "host"),
+    ("web", "203.0.113.5:443", "tcp", False, (), False, "layer2"),  # its own service: no hairpin on a bridge
     # Allowlisted, but the blocks before win: protected, a private range, the host.
     ("web", "192.168.1.7:80", "tcp", False, (), False, "protected"),
     ("web", "172.16.2.3:80", "tcp", False, (), False, "private"),

@@ -33,6 +33,7 @@ into the DMZ. explain says so when it changes the answer.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import Iterable, Optional, Union
 
@@ -43,7 +44,7 @@ from ..render.nft import log_prefix
 from .flow import (PORT_PROTOS, PROTO_NAMES, PROTO_NUMBERS, Decision, ExplainError, Flow,  # noqa: F401
                    format_decision, make_flow, parse_proto, parse_target)
 from .order import ORDER, rule_kind  # noqa: F401
-from .edges import egress_end, from_outside
+from .edges import egress_end, from_outside, hairpin
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -242,6 +243,14 @@ def explain(dmz: DMZ, flow: Flow, host_addresses: Iterable = (),
     hosts = host_address_set(dmz, host_addresses)
     if not flow.from_dmz:
         return _from_outside(dmz, flow, hosts)
+    translated = hairpin(dmz, flow, hosts)
+    if translated is not None and translated[0].dst == flow.src:
+        return Decision(False, "layer2", "the DMZ bridge (no hairpin)", None, None,
+                        f"{translated[1]}; but that is the sender itself, and the bridge never sends a frame back "
+                        f"out of the port it came in on: a VM reaches its own service by its own address")
+    if translated is not None:
+        decision = _forward(dmz, translated[0], blocks)
+        return dataclasses.replace(decision, trace=(translated[1],) + decision.trace)
     if _is_host_destination(dmz, flow.dst, hosts):
         return _to_host(dmz, flow)
     if _in_dmz_subnet(dmz, flow.dst) and not flow.via_host:

@@ -41,6 +41,21 @@ def _dnat(dmz: DMZ, flow: Flow, hosts: frozenset) -> Optional[Publish]:
     return None
 
 
+def hairpin(dmz: DMZ, flow: Flow, hosts: frozenset) -> Optional[tuple[Flow, str]]:
+    """A flow from the DMZ to a published host address: translated (dstnat) before any filter chain sees
+    it, then routed back into the DMZ by the host (and masqueraded by srcnat). The flow explain then
+    judges, and the trace line that says so; None when no DNAT rule matches."""
+    entry = _dnat(dmz, flow, hosts)
+    if entry is None:
+        return None
+    vm = dmz.vm(entry.to)
+    port = entry.ports[0] + flow.port - entry.listen_ports[0]
+    translated = Flow(dst=vm.ip, proto=flow.proto, src=flow.src, port=port, vm=flow.vm, via_host=True,
+                      flood=flow.flood, learned=flow.learned)
+    return translated, (f"dstnat {entry.origin} ({entry.proto} {entry.listen} {_span(entry.listen_ports)}): "
+                        f"dnat to {vm.ip}:{port}, routed back into the DMZ (srcnat masquerades it: hairpin)")
+
+
 def from_outside(dmz: DMZ, flow: Flow, hosts: frozenset, trace: list[str]) -> Optional[Decision]:
     """A flow from beyond the DMZ: DNAT to a VM when published on a host address, then to_dmz.
     None: dmzctl's table lets it be (not into the DMZ, or inbound = "any")."""
