@@ -133,7 +133,7 @@ def test_allowlist_comes_after_every_block_and_ends_in_a_drop():
 
 
 def test_prefixes_are_one_concatenated_set_lookup_per_family_whatever_their_number():
-    many = [{"to": f"198.51.{i}.0/24", "proto": "tcp", "port": [80, 443]} for i in range(50)]
+    many = [{"to": f"198.{i}.7.0/24", "proto": "tcp", "port": [80, 443]} for i in range(50)]
     commands = render_table(dmz_with(egress_allow=many))
     assert [c for c in _comments(commands, "from_dmz") if c.startswith("egress allowlist IPv")] == \
         ["egress allowlist IPv4"]
@@ -168,6 +168,28 @@ def test_batch_accepted_by_libnftables():
         nft.set_dry_run(True)
         rc, _out, err = nft.json_cmd(apply_batch(dmz))
         assert rc == 0, err
+
+
+OVERLAPS = [
+    {"publish": [{"to": "web", "proto": "tcp", "port": "80-90"}, {"to": "web", "proto": "tcp", "port": 85},
+                 {"to": "web", "proto": "tcp", "port": 80, "listen": "host"}]},
+    {"egress_allow": [{"to": "198.51.100.0/24", "proto": "tcp", "port": "80-90"},
+                      {"to": "198.51.100.0/24", "proto": "tcp", "port": 85},
+                      {"to": "198.51.100.5", "proto": "tcp", "port": 85},
+                      {"to": "198.51.100.0/24", "proto": "tcp", "port": 85, "from": "web"},
+                      {"to": "198.51.100.0/25", "proto": "tcp", "port": "1-1000", "from": "db"}]},
+]
+
+
+@pytest.mark.parametrize("change", OVERLAPS, ids=["publish", "egress"])
+def test_overlapping_entries_are_merged_so_that_the_set_takes_them(change):
+    nftables = pytest.importorskip("nftables", reason="python3-nftables (scripts/setup.sh)")
+    from dmzctl.render.nft import apply_batch
+
+    nft = nftables.Nftables()
+    nft.set_dry_run(True)
+    rc, _out, err = nft.json_cmd(apply_batch(dmz_with(**change)))
+    assert rc == 0, err
 
 
 def test_dnat_from_an_address_and_from_every_host_address():

@@ -74,10 +74,27 @@ def _vm_address(dmz: DMZ, entry: Publish, version: int):
     return vm.ip if version == 4 else vm.ip6
 
 
+def merged_ports(ranges) -> list[tuple[int, int]]:
+    """Port ranges merged where they overlap or touch: an interval set refuses two elements that
+    overlap in their last field with the others equal ("File exists")."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
 def published_elements(dmz: DMZ, version: int) -> list:
     """VM address . protocol . port of every publish entry open to anywhere."""
-    return [[str(_vm_address(dmz, p, version)), p.proto, _service(p.ports)]
-            for p in dmz.publish if not p.sources and _vm_address(dmz, p, version) is not None]
+    ports: dict[tuple, list] = {}
+    for entry in dmz.publish:
+        address = _vm_address(dmz, entry, version)
+        if not entry.sources and address is not None:
+            ports.setdefault((str(address), entry.proto), []).append(entry.ports)
+    return [[address, proto, _service(span)] for (address, proto), spans in ports.items()
+            for span in merged_ports(spans)]
 
 
 def inbound_sets(dmz: DMZ) -> list[Command]:
@@ -164,24 +181,48 @@ def nat_chains(dmz: DMZ) -> list[Command]:
 # --- egress allowlist ----------------------------------------------------------
 
 def _egress_source(dmz: DMZ, entry: EgressAllow, version: int):
+    """The entry's source prefix: its VM's address, else the DMZ's subnet; None when it has none."""
     if entry.source_vm is None:
-        net = dmz.subnet if version == 4 else dmz.subnet6
-        return _addr(net) if net is not None else None
+        return dmz.subnet if version == 4 else dmz.subnet6
     vm = dmz.vm(entry.source_vm)
     address = vm.ip if version == 4 else vm.ip6
-    return str(address) if address is not None else None
+    return ipaddress.ip_network(address) if address is not None else None
 
 
 def egress_elements(dmz: DMZ, version: int) -> list:
-    """source . destination . protocol . port of every allowlisted prefix or address."""
-    found = []
+    """source . destination . protocol . port of every allowlisted prefix or address, merged until no
+    two elements overlap in one field with the others equal (the set would refuse them)."""
+    found = set()
     for entry in dmz.egress_allow:
-        if entry.to_net is None or entry.to_net.version != version:
-            continue
-        source = _egress_source(dmz, entry, version)
-        if source is not None:
-            found.append([source, _addr(entry.to_net), entry.proto, _service(entry.ports)])
-    return found
+        if entry.to_net is not None and entry.to_net.version == version:
+            source = _egress_source(dmz, entry, version)
+            if source is not None:
+                found.add((source, entry.to_net, entry.proto, entry.ports or ANY_PORT))
+    for _round in range(6):
+        merged = _merge_field(_merge_field(_merge_field(found, 3), 1), 0)
+        if merged == found:
+            break
+        found = merged
+    found = {e for e in found if not any(o != e and _covers(o, e) for o in found)}
+    return [[_addr(s), _addr(n), p, _service(span)] for s, n, p, span in sorted(found)]
+
+
+def _covers(outer: tuple, inner: tuple) -> bool:
+    """Whether every field of `inner` lies within `outer`'s: the set refuses an element inside another."""
+    return (inner[0].subnet_of(outer[0]) and inner[1].subnet_of(outer[1]) and inner[2] == outer[2]
+            and outer[3][0] <= inner[3][0] and inner[3][1] <= outer[3][1])
+
+
+def _merge_field(elements: set, field: int) -> set:
+    """Merge the elements that are equal but in one field: port ranges joined, prefixes collapsed."""
+    groups: dict[tuple, list] = {}
+    for element in elements:
+        groups.setdefault(element[:field] + element[field + 1:], []).append(element[field])
+    merged = set()
+    for rest, values in groups.items():
+        joined = merged_ports(values) if field == 3 else ipaddress.collapse_addresses(values)
+        merged |= {rest[:field] + (value,) + rest[field:] for value in joined}
+    return merged
 
 
 def name_groups(dmz: DMZ) -> list[tuple[tuple, list[str]]]:
