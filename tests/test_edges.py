@@ -399,3 +399,19 @@ def test_hairpin_from_another_vm_of_the_dmz_through_the_public_address(world):
         # frame back out of the port it came in on (br_netfilter bridges the translated packet); explain says so.
     assert not explained(world["config"], VM, f"{PUBLIC}:80")
     assert not from_guest(PUBLIC, 80)
+
+
+def test_verify_looks_each_name_up_through_the_gateway_and_probes_the_answer(world):
+    import json
+
+    from netns import reapply_table
+
+    reapply_table(dmz_of(world["config"]))
+    result = dmzctl("verify", str(world["config"]), "--json", "--skip", "192.0.2.0/24", "--skip", "fd00::/64",
+                    "--timeout", "3")
+    report = json.loads(result.stdout)[0]
+    rows = {(p["dst"], p["port"]): p for p in report["probes"] if p["kind"] == "name"}
+    assert set(rows) == {(MIRROR, 80), (MIRROR6, 80)}, result.stdout + result.stderr
+    for row in rows.values():
+        assert row["expected"] == "allowed" and row["status"] == "ok", row
+    assert [p for p in report["probes"] if p["status"] == "MISMATCH"] == [], result.stdout
