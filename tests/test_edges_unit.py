@@ -271,3 +271,19 @@ def test_explain_says_which_lookup_would_open_a_name():
     decision = explain(dmz, make_flow(dmz, "web", "151.101.1.1:443"), HOSTS)
     assert any("deb.debian.org" in note and "--resolved" in note for note in decision.notes)
     assert decision.log_prefix == "dmzctl e egress: "
+
+
+def test_a_base_documents_own_dns_settings_and_dnsmasq_options_are_kept():
+    from lxml import etree
+
+    ns = "http://libvirt.org/schemas/network/dnsmasq/1.0"
+    base = etree.fromstring(f'<network xmlns:dnsmasq="{ns}"><bridge stp="on" delay="0"/>'
+                            '<dns><txt name="example" value="kept"/><forwarder addr="192.0.2.99"/></dns>'
+                            '<ip address="10.80.0.1" netmask="255.255.255.0"/>'
+                            '<dnsmasq:options><dnsmasq:option value="log-queries"/>'
+                            '<dnsmasq:option value="nftset=/old.example/4#inet#x#y"/></dnsmasq:options></network>')
+    net = render_network(dmz_with(dns_forwarders=["198.51.100.53"]), base)
+    assert net.find("dns/txt").get("value") == "kept"
+    assert [f.get("addr") for f in net.findall("dns/forwarder")] == ["198.51.100.53"]
+    values = [o.get("value") for o in net.iter(f"{{{ns}}}option")]
+    assert values == ["log-queries", "cache-size=0"] + nftset_options(dmz_with())
