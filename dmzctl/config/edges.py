@@ -90,8 +90,6 @@ def _publish(check: Checker, entry: dict, where: str, vms: list[VM], declared: s
             check.problem(f"{where}.listen_port", "a port range is forwarded to the same ports; use single "
                                                   "ports to forward a different one")
             ok = False
-        elif listen_port + ports[0][1] - ports[0][0] > 65535:
-            ok = False
     elif listen_port is not None:
         ok = False
     sources = _sources(check, entry, where)
