@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lxml import etree
 
@@ -15,6 +15,7 @@ from .render.domain import HostFacts, render_domain
 from .render.network import render_network
 from .render.nft import Command, render_table, table_name
 from .render.nwfilter import CLEAN_TRAFFIC, clean_traffic_filter, render_nwfilters
+from .render.seed import seed_files, seed_iso
 
 
 @dataclass
@@ -27,6 +28,7 @@ class DesiredDMZ:
     domains: dict[str, etree._Element]
     blocks: tuple[Blocked, ...] = ()  # the implicit blocks the table holds
     view: HostView = HostView()  # the host's networks they were read from
+    seeds: dict[str, bytes] = field(default_factory=dict)  # VM name -> its cloud-init seed ISO
 
 
 def stamp_digest(element: etree._Element) -> str:
@@ -55,5 +57,6 @@ def build(dmz: DMZ, facts: HostFacts = HostFacts(), view: HostView = HostView())
         stamp_digest(domains[vm.name])
     network = render_network(dmz)
     stamp_digest(network)
+    seeds = {vm.name: seed_iso(seed_files(dmz, vm)) for vm in dmz.vms if vm.cloud_init is not None}
     return DesiredDMZ(dmz=dmz, network=network, nwfilters=nwfilters, table=table_name(dmz),
-                      nft=render_table(dmz, blocks), domains=domains, blocks=blocks, view=view)
+                      nft=render_table(dmz, blocks), domains=domains, blocks=blocks, view=view, seeds=seeds)

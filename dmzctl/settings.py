@@ -18,6 +18,7 @@ class Settings:
     run_dir: Path = Path("/run/dmzctl")  # locks and markers
     event_log: Path = Path("/var/log/dmzctl.log")
     hooks_dir: Path = Path("/etc/libvirt/hooks")
+    state_dir: Path = Path("/var/lib/dmzctl")  # what outlives a boot: verify's last results (verify/<dmz>.json)
     debug: bool = False
 
     @classmethod
@@ -30,6 +31,7 @@ class Settings:
             run_dir=Path(env.get("DMZCTL_RUN_DIR") or cls.run_dir),
             event_log=Path(env.get("DMZCTL_EVENT_LOG") or cls.event_log),
             hooks_dir=Path(env.get("DMZCTL_HOOKS_DIR") or cls.hooks_dir),
+            state_dir=Path(env.get("DMZCTL_STATE_DIR") or cls.state_dir),
         )
         settings = replace(settings, **{key: value for key, value in options.items() if value is not None})
         settings.check()

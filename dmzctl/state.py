@@ -9,18 +9,22 @@ and guard act on them).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from . import xmlcompare
 from .desired import DesiredDMZ
 from .host import nft
+from .config import seed_volume_name
 from .host.objects import DomainInfo, NetworkInfo, digest_of
+from .host.storage import PoolInfo, VolumeInfo
 from .host.virt import Virt
 from .implicit import SET_NAMES
 from .hooks.files import missing_hooks
 from .render.base import to_string
 from .render.nft import apply_batch
+from .render.storage import volumes_of
 
 IMPLICIT_SETS = set(SET_NAMES.values())
 
@@ -47,6 +51,31 @@ class Observed:
     domains: dict  # VM name -> DomainInfo, None when absent
     strays: tuple[str, ...] = ()  # domains of this DMZ that its config no longer names
     hooks_missing: tuple[str, ...] = ()
+    pools: dict = field(default_factory=dict)  # pool name -> PoolInfo, None when absent
+    volumes: dict = field(default_factory=dict)  # (pool, volume name) -> VolumeInfo, None when absent
+    seeds: dict = field(default_factory=dict)  # VM name -> sha256 of its seed volume's content, None: absent
+
+
+def seed_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def observe_storage(virt: Virt, desired: DesiredDMZ) -> tuple[dict, dict, dict]:
+    """The pools, volumes and seeds of the DMZ's cloud-image VMs (pools, volumes, seeds)."""
+    vms = [vm for vm in desired.dmz.vms if vm.provisioned]
+    pools: dict[str, Optional[PoolInfo]] = {vm.pool: None for vm in vms}
+    for name in pools:
+        pools[name] = virt.pool_info(name)
+    volumes: dict[tuple[str, str], Optional[VolumeInfo]] = {}
+    seeds: dict[str, Optional[str]] = {}
+    for vm in vms:
+        for pool, name in volumes_of(vm):
+            volumes[(pool, name)] = virt.volume_info(pool, name) if pools[pool] is not None else None
+        if vm.cloud_init is not None:
+            info = volumes[(vm.pool, seed_volume_name(vm.name))]
+            data = virt.read_volume(vm.pool, info.name, info.capacity) if info is not None else None
+            seeds[vm.name] = seed_hash(data) if data is not None else None
+    return pools, volumes, seeds
 
 
 def observe_table(desired: DesiredDMZ) -> TableState:
@@ -59,6 +88,7 @@ def observe(virt: Virt, desired: DesiredDMZ, hooks_dir) -> Observed:
     """Everything about the live DMZ, read once. Raises HostError when libvirt cannot answer."""
     dmz = desired.dmz
     configured = {vm.name for vm in dmz.vms}
+    pools, volumes, seeds = observe_storage(virt, desired)
     return Observed(
         network=virt.network_info(dmz.name),
         nwfilters={name: virt.nwfilter_xml(name) for name in desired.nwfilters},
@@ -66,6 +96,7 @@ def observe(virt: Virt, desired: DesiredDMZ, hooks_dir) -> Observed:
         domains={vm.name: virt.domain_info(vm.name) for vm in dmz.vms},
         strays=tuple(name for name in virt.domains_of(dmz.name) if name not in configured),
         hooks_missing=tuple(missing_hooks(hooks_dir)),
+        pools=pools, volumes=volumes, seeds=seeds,
     )
 
 
@@ -94,14 +125,36 @@ def diff(desired: DesiredDMZ, observed: Observed) -> list[Difference]:
         _nwfilters(desired, observed.nwfilters, found)
     _table(desired.table, observed.table, found)
     for vm in desired.dmz.vms:
+        _storage(desired, vm, observed, found)
         _domain(desired, vm, observed.domains.get(vm.name), found)
     for name in observed.strays:
         found.append(Difference("vm-not-in-config", f"VM {name}", "belongs to this DMZ but is not in its config "
-                                "(dmzctl down removes it)", f"VM {name} not in config", name))
+                                "(check --fix or destroy removes it)", f"VM {name} not in config", name))
     for path in observed.hooks_missing:
         found.append(Difference("hooks-missing", f"libvirt hook {path}", "missing: virsh or virt-manager could "
                                 "start a VM of this DMZ without its firewall table", "hooks missing"))
-    return found
+    return _as_down(desired, observed, found) if is_down(desired, observed) else found
+
+
+# What a halted DMZ shows instead: one "down" difference; differences of its definitions stay. Its
+# nwfilters are left out: they list the host's addresses, which change while it is down, and `up`
+# re-renders them before any of its VMs starts.
+HALTED_KINDS = frozenset({"network-inactive", "table-missing", "vm-not-running", "nwfilter-differs"})
+
+
+def is_down(desired: DesiredDMZ, observed: Observed) -> bool:
+    """Defined but down (`dmzctl down`): its network defined and stopped, no table, none of its VMs running."""
+    net = observed.network
+    return (net is not None and net.owner == desired.dmz.name and not net.active and not observed.table.exists
+            and not any(info is not None and info.running for info in observed.domains.values()))
+
+
+def _as_down(desired: DesiredDMZ, observed: Observed, found: list[Difference]) -> list[Difference]:
+    defined = sum(1 for info in observed.domains.values() if info is not None and info.owner == desired.dmz.name)
+    down = Difference("dmz-down", f"DMZ {desired.dmz.name}",
+                      f"down: defined ({defined} VM{'s' if defined != 1 else ''} shut off), network inactive, "
+                      f"no firewall table (dmzctl up starts it)", "down (defined)")
+    return [down] + [d for d in found if d.kind not in HALTED_KINDS]
 
 
 def _network(desired: DesiredDMZ, net: Optional[NetworkInfo], found: list) -> bool:
@@ -216,6 +269,26 @@ def _rule_detail(live_rules: dict, want_rules: dict, name: str) -> str:
     extra = sum(1 for rule in have if rule not in need)
     return ", ".join(x for x in (f"{missing} missing" if missing else "",
                                  f"{extra} not in the config" if extra else "") if x) or "order differs"
+
+
+def _storage(desired: DesiredDMZ, vm, observed: Observed, found: list) -> None:
+    """A cloud-image VM's pool, volumes and seed."""
+    if not vm.provisioned:
+        return
+    if observed.pools.get(vm.pool) is None:
+        found.append(Difference("pool-missing", f"storage pool {vm.pool}", "missing", f"pool {vm.pool} missing",
+                                vm.name))
+        return
+    seed_name = seed_volume_name(vm.name)
+    for pool, name in volumes_of(vm):
+        if observed.volumes.get((pool, name)) is None:
+            kind = "seed" if name == seed_name else "volume"
+            found.append(Difference(f"{kind}-missing", f"volume {pool}/{name}", f"missing (VM {vm.name})",
+                                    f"{kind} {name} missing", vm.name))
+    seed = observed.seeds.get(vm.name)
+    if vm.name in desired.seeds and seed is not None and seed != seed_hash(desired.seeds[vm.name]):
+        found.append(Difference("seed-differs", f"volume {vm.pool}/{seed_name}", "cloud-init seed differs from "
+                                "the config (dmzctl up regenerates it)", f"seed {seed_name} differs", vm.name))
 
 
 def _domain(desired: DesiredDMZ, vm, info: Optional[DomainInfo], found: list) -> None:

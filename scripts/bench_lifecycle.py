@@ -636,7 +636,7 @@ def original_down_worker(config: str) -> int:
     from dmzctl.config import load_all
     from dmzctl.host.lock import dmz_lock
     from dmzctl.host.virt import Virt
-    from dmzctl.ops import lifecycle
+    from dmzctl.ops import lifecycle, teardown
     from dmzctl.settings import Settings
 
     def say(message: str) -> None:
@@ -646,7 +646,7 @@ def original_down_worker(config: str) -> int:
     settings = Settings.from_environment(uri=URI)
     with Virt(URI) as virt, dmz_lock(settings.run_dir, dmz.name, say=say):
         original_stop(virt, dmz, say)
-        lifecycle.down(virt, dmz, settings, say=say)  # the domain is off now: this is the teardown only
+        teardown.destroy(virt, dmz, settings, say=say)  # the domain is off now: this is the teardown only
     return 0
 
 
@@ -747,11 +747,11 @@ class Bench:
     def quick_down(self) -> None:
         """Untimed: destroy the VM at once and remove the rest (between `up` samples)."""
         from dmzctl.host.lock import dmz_lock
-        from dmzctl.ops import lifecycle
+        from dmzctl.ops import lifecycle, teardown
 
         with dmz_lock(self.settings.run_dir, DMZ_NAME):
             lifecycle.kill(self.virt, self.dmz, self.settings, say=lambda _m: None)
-            lifecycle.down(self.virt, self.dmz, self.settings, timeout=0, say=lambda _m: None)
+            teardown.destroy(self.virt, self.dmz, self.settings, timeout=0, say=lambda _m: None)
         left = self.host.ours()
         if left:
             self.notes.append(f"after a teardown: {', '.join(left)} still there; wiped")
@@ -770,7 +770,7 @@ class Bench:
 
     def bench_down(self) -> None:
         from dmzctl.host.lock import dmz_lock
-        from dmzctl.ops import lifecycle
+        from dmzctl.ops import lifecycle, teardown
 
         variants = ["dmzctl-cli", "original-cli", "dmzctl-inproc", "original-inproc"]
         samples: dict[str, list[dict]] = {v: [] for v in variants}
@@ -841,6 +841,8 @@ class Bench:
                     f"{fmt(sample['lag'])}, noticed after {fmt(sample['notice'])}, load {sample['load1']:.2f}")
                 if sample["destroyed"]:
                     self.notes.append(f"down {variant} run {run + 1}: the guest did not power off; destroyed")
+                with dmz_lock(self.settings.run_dir, DMZ_NAME):  # untimed: `down` keeps the definitions
+                    teardown.destroy(self.virt, self.dmz, self.settings, timeout=0, say=lambda _m: None)
                 left = self.host.ours()
                 if left:
                     self.notes.append(f"down {variant} run {run + 1} left {', '.join(left)}; wiped")
@@ -915,7 +917,7 @@ class Bench:
 
     def bench_up(self) -> None:
         from dmzctl.host.lock import dmz_lock
-        from dmzctl.ops import lifecycle
+        from dmzctl.ops import lifecycle, teardown
 
         self.loads["2"] = load_average()
         cli_first, cli_noop, inproc_first, inproc_noop, raw, validate, python = [], [], [], [], [], [], []
@@ -1020,7 +1022,7 @@ class Bench:
         log(f"status: CLI median {fmt(median(cli))}, in-process median {fmt(median(inproc))}")
         with dmz_lock(self.settings.run_dir, DMZ_NAME):
             lifecycle.kill(self.virt, self.dmz, self.settings, say=lambda _m: None)
-            lifecycle.down(self.virt, self.dmz, self.settings, timeout=0, say=lambda _m: None)
+            teardown.destroy(self.virt, self.dmz, self.settings, timeout=0, say=lambda _m: None)
         self.results["status"] = {"cli": cli, "cli_json": cli_json, "inproc": inproc, "probes": probes,
                                   "all_ok": all(ok)}
 

@@ -3,7 +3,8 @@
 # with a tiny VM, and show that it is isolated: from inside the VM, the "LAN"
 # and the host are unreachable except for the one DNS hole, while the LAN
 # reaches the VM. Everything stays on this machine: the LAN is a network
-# namespace this script creates.
+# namespace this script creates. It ends by writing the demo's one-page report
+# (/var/lib/dmzctl/demo-report.html).
 #   scripts/demo.sh          bring it up and show it (leaves it running)
 #   scripts/demo.sh --down   take it all down again
 set -euo pipefail
@@ -20,7 +21,7 @@ lan_down() {
 }
 
 if [ "${1:-}" = "--down" ]; then
-  "$DMZCTL" down "$CONFIG"
+  "$DMZCTL" destroy "$CONFIG"
   lan_down
   exit 0
 fi
@@ -96,7 +97,11 @@ if "$DMZCTL" --help | grep -q verify; then
   echo "== dmzctl verify"
   "$DMZCTL" verify "$CONFIG" --skip 192.0.2.0/24 --skip fd00::/64 || fail=1
 fi
+echo "== dmzctl report"
+REPORT=/var/lib/dmzctl/demo-report.html
+"$DMZCTL" report "$CONFIG" -o "$REPORT" || fail=1
 echo
 echo "The demo DMZ is up: 'virsh list', '$DMZCTL console demo-web', '$DMZCTL firewall show $CONFIG'."
+echo "Its report (diagram, policy in order, live state, the verify run above): $REPORT"
 echo "Take it down with: scripts/demo.sh --down"
 exit "$fail"

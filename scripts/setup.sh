@@ -12,25 +12,9 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-PACKAGES=(
-  libvirt-daemon-system qemu-system-x86 qemu-utils nftables python3-nftables
-  python3-libvirt python3-lxml python3-venv dnsmasq-base iproute2 iptables
-  libxml2-utils busybox-static iperf3 iputils-ping socat procps systemd conntrack
-  # the graphical console through the real viewers, on a virtual X server (tests/test_console.py)
-  virt-viewer virt-manager gir1.2-spiceclientgtk-3.0 gir1.2-spiceclientglib-2.0 xvfb xdotool imagemagick
-  # the realistic Debian guest and its cloud-init seed (scripts/build-debian-guest.sh, tests/test_debian_guest.py)
-  debootstrap xorriso openssh-client
-)
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  log "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >&2
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-fi
+# shellcheck source=scripts/packages.sh
+. scripts/packages.sh
+install_packages "${HOST_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 
 # No udev here: give /dev/kvm what Debian's udev rule gives it. Without it,
 # libvirt re-probes QEMU on every call and each domain start takes minutes.

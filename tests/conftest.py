@@ -33,3 +33,12 @@ def private_hooks_dir(tmp_path_factory):
     if "DMZCTL_HOOKS_DIR" not in os.environ:
         os.environ["DMZCTL_HOOKS_DIR"] = str(tmp_path_factory.mktemp("libvirt-hooks"))
     yield os.environ["DMZCTL_HOOKS_DIR"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_state_dir(tmp_path_factory):
+    """`dmzctl verify` keeps its last results under the state directory (/var/lib/dmzctl by default):
+    the suite's runs keep theirs in a directory of its own."""
+    if "DMZCTL_STATE_DIR" not in os.environ:
+        os.environ["DMZCTL_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield os.environ["DMZCTL_STATE_DIR"]

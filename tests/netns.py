@@ -343,13 +343,13 @@ def dmz_up_without_vms(dmz, say=lambda _m: None) -> None:
 
 def dmz_down(dmz) -> None:
     from dmzctl.host.virt import Virt
-    from dmzctl.ops import lifecycle
+    from dmzctl.ops import teardown
     from dmzctl.settings import Settings
 
     settings = Settings.from_environment()
     with Virt(settings.uri) as virt:
         if virt.network_info(dmz.name) is not None or Path(f"/sys/class/net/{dmz.bridge}").exists():
-            lifecycle.down(virt, dmz, settings, say=lambda _m: None)
+            teardown.destroy(virt, dmz, settings, say=lambda _m: None)
     from dmzctl.host import nft
     from dmzctl.render.nft import delete_batch, table_name
 

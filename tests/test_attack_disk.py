@@ -139,7 +139,7 @@ def attack():
         assert guest_disk_head(len(state.payload)) == hashlib.sha256(state.payload).hexdigest()
         yield state
     finally:
-        state.run("down", str(config), "--timeout", "0")
+        state.run("destroy", str(config), "--timeout", "0")
         wipe(DMZ, [VM])
         shutil.rmtree(workdir, ignore_errors=True)
 

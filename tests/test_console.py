@@ -62,7 +62,7 @@ def console_dmz(tmp_path, monkeypatch):
 
     yield make
     for path, name, vm in made:
-        dmzctl("down", str(path), "--timeout", "0")
+        dmzctl("destroy", str(path), "--timeout", "0")
         wipe(name, [vm])
 
 

@@ -207,7 +207,7 @@ def guest():
         finally:
             booted.close()
     finally:
-        dmzctl("down", str(directory / f"{DMZ}.toml"), "--timeout", "0", env=env)
+        dmzctl("destroy", str(directory / f"{DMZ}.toml"), "--timeout", "0", env=env)
         wipe(DMZ, [VM])
         shutil.rmtree(directory, ignore_errors=True)
         # libvirt gave the shared backing file to libvirt-qemu and does not give it back.

@@ -137,7 +137,7 @@ def world(tmp_path_factory):
         yield {"config": config}
     finally:
         config.write_text(config_text(VMS))
-        dmzctl("down", str(config), "--timeout", "0")
+        dmzctl("destroy", str(config), "--timeout", "0")
         wipe(DMZ, list(VMS))
 
 
@@ -168,11 +168,11 @@ def test_every_kind_of_drift_is_reported_alike_and_repaired(world, name, cause, 
 
 
 def test_check_s_summary_counts_what_its_list_shows(world):
-    """The summary and the list come from the same differences (after a down, every object is missing)."""
+    """The summary and the list come from the same differences (after a destroy, every object is missing)."""
     config = world["config"]
     config.write_text(config_text(VMS))
     dmzctl("check", str(config), "--fix")
-    dmzctl("down", str(config), "--timeout", "0", check=True)
+    dmzctl("destroy", str(config), "--timeout", "0", check=True)
     result = dmzctl("check", str(config))
     listed = [line for line in result.stdout.splitlines() if line.startswith(f"{DMZ}: ")]
     summary = result.stdout.splitlines()[-1]

@@ -204,7 +204,7 @@ def world(tmp_path_factory):
         for process in listeners:
             process.terminate()
             process.wait(timeout=5)
-        dmzctl("down", str(config), "--timeout", "0")
+        dmzctl("destroy", str(config), "--timeout", "0")
         wipe(DMZ, [VM])
         for prefix, _via in BEYOND_ROUTES:
             sh("ip", "-6" if ":" in prefix else "-4", "route", "del", prefix, check=False)

@@ -59,7 +59,7 @@ def dmz(tmp_path_factory):
         wait_for_serial(VM, "DMZGUEST READY")
         yield {"config": config, "up": up}
     finally:
-        dmzctl("down", str(config), "--timeout", "0", env=REAL)
+        dmzctl("destroy", str(config), "--timeout", "0", env=REAL)
         wipe(DMZ, [VM])
         remove_ours()
         for path, text in present.items():
@@ -122,3 +122,27 @@ def test_no_hooks_is_an_explicit_opt_out(dmz, tmp_path):
     assert not (tmp_path / "hooks").exists()
     status = dmzctl("status", str(dmz["config"]), env=elsewhere)
     assert status.returncode != 0 and "hooks     missing" in status.stdout
+
+
+def test_a_halted_dmz_stays_listed_and_its_vms_start_only_with_their_table(dmz):
+    """`down` keeps the definitions (virt-manager shows "Shut off"); the hooks still hold the line."""
+    config = dmz["config"]
+    dmzctl("down", str(config), "--timeout", "0", env=REAL, check=True)
+    try:
+        assert virsh("domstate", VM).stdout.strip() == "shut off"
+        assert virsh("net-info", DMZ).returncode == 0 and "Active:         no" in virsh("net-info", DMZ).stdout
+        assert subprocess.run(["nft", "list", "table", "inet", f"dmzctl-{DMZ}"],
+                              capture_output=True).returncode != 0, "down leaves no table"
+        status = dmzctl("status", str(config), env=REAL)
+        assert status.returncode == 1 and "DOWN (defined, not running)" in status.stdout, status.stdout
+        # virt-manager's "start network": the network hook puts the DMZ's table in place first.
+        assert virsh("net-start", DMZ).returncode == 0
+        assert subprocess.run(["nft", "list", "table", "inet", f"dmzctl-{DMZ}"],
+                              capture_output=True).returncode == 0, "network started without its table"
+        # Someone deletes the table; virt-manager's "Run" of the halted VM is refused.
+        subprocess.run(["nft", "delete", "table", "inet", f"dmzctl-{DMZ}"], check=True)
+        started = virsh("start", VM)
+        assert started.returncode != 0 and f"refusing to start {VM} of DMZ {DMZ}" in started.stderr, started.stderr
+    finally:
+        dmzctl("up", str(config), env=REAL, check=True)
+    assert virsh("domstate", VM).stdout.strip() == "running"

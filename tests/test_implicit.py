@@ -216,7 +216,7 @@ class Site:
 
     def close(self) -> None:
         for config in (self.a, self.b):
-            dmzctl("down", str(config), "--timeout", "0", check=False)
+            dmzctl("destroy", str(config), "--timeout", "0", check=False)
         netns.run(["virsh", "-q", "-c", "qemu:///system", "net-destroy", "dmzt-lv"], check=False)
         ip("link", "del", "dmzt-dum0", check=False)
         self.world.close()
@@ -480,6 +480,6 @@ def test_the_host_s_own_router_advertisements_are_neither_logged_nor_counted(sit
 
 def test_down_of_one_dmz_refreshes_the_other(site):
     """Last: takes dmzt-ia down; dmzt-ib's table forgets its subnets."""
-    result = dmzctl("down", str(site.a), "--timeout", "0")
+    result = dmzctl("destroy", str(site.a), "--timeout", "0")
     assert "firewall table inet dmzctl-dmzt-ib of DMZ dmzt-ib refreshed" in result.stdout, result.stdout
     assert not prefix_in_set("dmzctl-dmzt-ib", "other_dmz4", "10.238.0.0/24")

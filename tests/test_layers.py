@@ -1,7 +1,7 @@
 """The package's shape, checked: layers that show in the tree and stay that way.
 
 - no import circle between dmzctl's modules, and no module imports "upwards":
-  the pure core (config, implicit, render, desired, state's diff, explain) never imports
+  the pure core (config, implicit, render, desired, state's diff, explain, report) never imports
   host/, ops/ or cli/; host/ never imports ops/, cli/ or verify/; ops/ never imports cli/;
 - libvirt is imported in host/ only, and the environment is read at no module's import;
 - no module over ~400 lines, no function over ~60 (the documented ordered rule list in
@@ -61,6 +61,12 @@ def layer_of(name: str) -> str:
     if len(parts) > 1 and parts[1] in ("host", "ops", "cli", "verify", "hooks"):
         return parts[1]
     return "core" if name not in ("dmzctl.render_cli", "dmzctl.state", "dmzctl") else "glue"
+
+
+def test_report_is_pure_core():
+    """The diagram and the report are drawn and written from data: dot and the live reads are host/ops'."""
+    assert {layer_of(name) for name in modules() if name.startswith("dmzctl.report")} == {"core"}
+    assert layer_of("dmzctl.host.graphviz") == "host" and layer_of("dmzctl.ops.report") == "ops"
 
 
 def test_no_module_imports_upwards():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -51,7 +52,7 @@ def make_dmz(tmp_path, monkeypatch):
 
     yield make
     for name, vms in created:
-        dmzctl("down", str(tmp_path / f"{name}.toml"), "--timeout", "0")
+        dmzctl("destroy", str(tmp_path / f"{name}.toml"), "--timeout", "0")
         wipe(name, vms)
 
 
@@ -178,14 +179,43 @@ def test_status_reports_each_state_truthfully(make_dmz):
     assert killed["vms"][0]["state"] == "shut off" and not killed["ok"]
 
 
-def test_down_powers_off_by_acpi_and_leaves_nothing(make_dmz):
-    config = make_dmz("lcdn", [("lcdn-web", "10.241.0.30")])
+def test_down_powers_off_by_acpi_and_keeps_the_definitions_destroy_removes_them(make_dmz):
+    config = make_dmz("lcdn", [("lcdn-web", "10.241.0.30"), ("lcdn-db", "10.241.0.31")])
     dmzctl("up", str(config), check=True)
     wait_for_serial("lcdn-web", "DMZGUEST READY")
+    wait_for_serial("lcdn-db", "DMZGUEST READY")
     result = dmzctl("down", str(config), check=True)
     assert "VM lcdn-web powered off" in result.stdout, result.stdout  # not destroyed after the timeout
     assert "DMZGUEST POWEROFF" in serial_log("lcdn-web").read_text()
-    assert leftovers("lcdn", ["lcdn-web"]) == []
+    assert "network lcdn stopped (still defined)" in result.stdout, result.stdout
+    # Halted, as virt-manager's shutdown: listed "Shut off", network inactive, filters kept, no table.
+    assert virsh("domstate", "lcdn-web").stdout.strip() == "shut off"
+    assert "Active:         no" in virsh("net-info", "lcdn").stdout
+    assert sorted(leftovers("lcdn", ["lcdn-web", "lcdn-db"])) == sorted(
+        ["domain lcdn-web", "domain lcdn-db", "network lcdn"] + [
+            f"nwfilter dmzctl-lcdn-{vm}{suffix}" for vm in ("lcdn-web", "lcdn-db")
+            for suffix in ("", "-guard4", "-block", "-spoof6", "-guard6")])
+    assert subprocess.run(["nft", "list", "table", "inet", "dmzctl-lcdn"], capture_output=True).returncode != 0
+    status = dmzctl("status", str(config), "--json")
+    report = json.loads(status.stdout)[0]
+    assert status.returncode == 1 and report["verdict"] == "DOWN (defined, not running)", status.stdout
+    assert [vm["state"] for vm in report["vms"]] == ["shut off", "shut off"]
+    check = json.loads(dmzctl("check", str(config), "--json").stdout)["dmzs"][0]
+    assert [d["kind"] for d in check["differences"]] == ["dmz-down"], check
+    again = dmzctl("down", str(config), check=True)
+    assert "network lcdn stopped" not in again.stdout and "dmzctl-lcdn removed" not in again.stdout, again.stdout
+    # Up again from the kept definitions: nothing defined anew.
+    up = dmzctl("up", str(config), check=True)
+    assert "defined" not in up.stdout and "VM lcdn-web started" in up.stdout, up.stdout
+    # destroy --vm: that VM's definition and filters go; the rest stays up.
+    one = dmzctl("destroy", str(config), "--vm", "lcdn-db", "--timeout", "0", check=True)
+    assert "VM lcdn-db undefined" in one.stdout and "nwfilter dmzctl-lcdn-lcdn-db removed" in one.stdout, one.stdout
+    assert virsh("dominfo", "lcdn-db").returncode != 0 and virsh("domstate", "lcdn-web").stdout.strip() == "running"
+    # destroy: every definition goes; the user's disks (here the guest's kernel) are not touched.
+    gone = dmzctl("destroy", str(config), "--timeout", "0", check=True)
+    assert "network lcdn removed" in gone.stdout, gone.stdout
+    assert leftovers("lcdn", ["lcdn-web", "lcdn-db"]) == []
+    assert (guest_dir() / "kernel").exists() and (guest_dir() / "initrd.img").exists()
 
 
 def test_guest_ignoring_acpi_is_destroyed_after_its_timeout(make_dmz):
@@ -199,7 +229,7 @@ def test_guest_ignoring_acpi_is_destroyed_after_its_timeout(make_dmz):
     assert "did not power off within its timeout: destroyed" in result.stdout, result.stdout
     assert "DMZGUEST ACPI-IGNORED" in serial_log("lcig-web").read_text()
     assert elapsed >= 3, "destroyed before its 3 s of ACPI grace were up"
-    assert leftovers("lcig", ["lcig-web"]) == []
+    assert virsh("domstate", "lcig-web").stdout.strip() == "shut off"
 
 
 def test_refused_firewall_means_no_vm_and_nothing_left(make_dmz):
@@ -326,3 +356,42 @@ def test_two_runs_on_one_dmz_do_not_interleave(make_dmz, tmp_path, monkeypatch):
     holder.join()
     assert "lclk: waiting for another dmzctl run on this DMZ" in result.stdout
     assert released.is_set()
+
+
+def test_another_dmz_coming_and_going_refreshes_this_dmz_s_host_address_filter(make_dmz, tmp_path):
+    """The per-VM filter lists the host's addresses; another DMZ's gateway is a new one, and its up says so."""
+    config = make_dmz("lcnf", [("lcnf-web", "10.241.0.60")])
+    dmzctl("up", str(config), check=True)
+    other = tmp_path / "lcnf2.toml"
+    other.write_text('[dmz]\nname = "lcnf2"\ngateway = "10.248.0.1/24"\nprotected = ["10.248.128.0/24"]\n')
+    wipe("lcnf2", [])
+    try:
+        up = dmzctl("up", str(other), check=True)
+        assert "nwfilter dmzctl-lcnf-lcnf-web-block of DMZ lcnf refreshed" in up.stdout, up.stdout
+        block = virsh("nwfilter-dumpxml", "dmzctl-lcnf-lcnf-web-block").stdout
+        assert "10.248.0.1" in block, block
+        assert dmzctl("status", str(config)).returncode == 0, dmzctl("status", str(config)).stdout
+        gone = dmzctl("destroy", str(other), check=True)
+        assert "nwfilter dmzctl-lcnf-lcnf-web-block of DMZ lcnf refreshed" in gone.stdout, gone.stdout
+        assert "10.248.0.1" not in virsh("nwfilter-dumpxml", "dmzctl-lcnf-lcnf-web-block").stdout
+    finally:
+        dmzctl("destroy", str(other), "--timeout", "0")
+        wipe("lcnf2", [])
+
+
+def test_vms_start_together_and_one_failed_start_undoes_them_all(make_dmz, tmp_path):
+    """up starts a DMZ's VMs concurrently; when one start fails, the others are stopped again, and
+    everything this run made goes (fail closed, nothing half-up)."""
+    config = make_dmz("lcpa", [("lcpa-ok", "10.241.0.70"), ("lcpa-bad", "10.241.0.71")])
+    hidden = tmp_path / "private"  # QEMU (user libvirt-qemu) cannot enter a 0700 directory
+    hidden.mkdir(mode=0o700)
+    for name in ("kernel", "initrd.img"):
+        shutil.copyfile(guest_dir() / name, hidden / name)
+    head, ok, bad = config.read_text().split("[[vm]]")
+    config.write_text("[[vm]]".join([head, ok, bad.replace(str(guest_dir()), str(hidden))]))
+    result = dmzctl("up", str(config))
+    assert result.returncode != 0, result.stdout
+    assert "lcpa: starting lcpa-ok" in result.stdout and "lcpa: starting lcpa-bad" in result.stdout, result.stdout
+    assert "Permission denied" in result.stderr + result.stdout, result.stderr
+    assert "undone: VM lcpa-ok start" in result.stdout, result.stdout
+    assert leftovers("lcpa", ["lcpa-ok", "lcpa-bad"]) == []

@@ -65,7 +65,7 @@ def limited_vm(tmp_path, monkeypatch):
     try:
         yield write
     finally:
-        dmzctl("down", str(path), "--timeout", "0")
+        dmzctl("destroy", str(path), "--timeout", "0")
         wipe(DMZ, [VM])
         disk.unlink(missing_ok=True)
         directory.rmdir()

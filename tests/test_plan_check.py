@@ -35,7 +35,7 @@ def make_dmz(tmp_path, monkeypatch):
 
     yield make
     for name, path, vms in created:
-        dmzctl("down", str(path), "--timeout", "0")
+        dmzctl("destroy", str(path), "--timeout", "0")
         wipe(name, vms)
 
 

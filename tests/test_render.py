@@ -15,6 +15,8 @@ from dmzctl.desired import build
 from dmzctl.render.base import NS, to_string
 from dmzctl.render.domain import HostFacts, render_domain
 from dmzctl.render.nft import apply_batch, render_table
+from dmzctl.config import Image
+from dmzctl.render.storage import data_volume_path, root_volume_path
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -308,8 +310,12 @@ def test_every_disk_spells_out_its_chain_and_where_it_ends(config):
     for vm in dmz.vms:
         dom = render_domain(dmz, vm, HostFacts())
         disks = [d for d in dom.iter("disk") if d.get("device") == "disk"]
-        assert len(disks) == len(vm.disks)
-        for element, disk in zip(disks, vm.disks):
+        chains = [disk.chain for disk in vm.disks]
+        if vm.image is not None:  # a cloud-image VM's root volume, over its base image, comes first
+            chains.insert(0, (Image(root_volume_path(vm, {}), "qcow2"), vm.image))
+        chains += [(Image(data_volume_path(vm, volume, {}), "qcow2"),) for volume in vm.volumes]
+        assert len(disks) == len(chains)
+        for element, chain in zip(disks, chains):
             written = [(element.find("driver").get("type"), element.find("source").get("file"))]
             store = element.find("backingStore")
             while len(store):
@@ -317,7 +323,7 @@ def test_every_disk_spells_out_its_chain_and_where_it_ends(config):
                 written.append((store.find("format").get("type"), store.find("source").get("file")))
                 store = store.find("backingStore")
             assert not store.attrib, "the chain must end in an empty <backingStore/>"
-            assert written == [(image.format, str(image.path)) for image in disk.chain]
+            assert written == [(image.format, str(image.path)) for image in chain]
         for cdrom in (d for d in dom.iter("disk") if d.get("device") == "cdrom"):
             assert cdrom.find("driver").get("type") == "raw" and len(cdrom.find("backingStore")) == 0
 

@@ -228,7 +228,7 @@ def world(tmp_path_factory):
         if listener is not None:
             listener.kill()
             listener.wait(timeout=10)
-        dmzctl("down", str(config), "--timeout", "0", env=env)
+        dmzctl("destroy", str(config), "--timeout", "0", env=env)
         wipe(DMZ, [VM])
         remove_world()
 

@@ -141,11 +141,16 @@ def _one_dmz(configs):
 
 
 def main() -> None:
+    from typer.completion import completion_init
+
     from ..host.virt import silence_libvirt
 
     # libvirt prints its own errors to stderr unless told otherwise; dmzctl says them once, its way.
     silence_libvirt()
+    # Shell completion without --install-completion/--show-completion on every command line: the
+    # scripts come from `_DMZCTL_COMPLETE=source_bash dmzctl` (scripts/install.sh installs bash's).
+    completion_init()
     app(prog_name="dmzctl")
 
 
-from . import inspect, lifecycle, service  # noqa: E402,F401  registers the commands
+from . import inspect, lifecycle, report, service  # noqa: E402,F401  registers the commands

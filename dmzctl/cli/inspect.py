@@ -161,9 +161,21 @@ def verify(
                     continue
                 reports.append(verify_dmz(dmz, target or [], skip or [], address=address, address6=address6,
                                           timeout=timeout, say=quiet))
+            _keep(reports[-1], settings)
         print_reports(reports, as_json, "".join(format_report(r) for r in reports), ok=all(r.ok for r in reports))
 
     run(action, settings.debug)
+
+
+def _keep(report, settings) -> None:
+    """The run's results, for `dmzctl report` and monitoring; failing to keep them fails no proof."""
+    from ..errors import HostError
+    from ..verify.record import record
+
+    try:
+        record(report, settings.state_dir)
+    except HostError as error:
+        typer.echo(f"dmzctl: warning: {error}", err=True)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Commands that change a DMZ: up, down, restart, kill, console, firewall up|down|show."""
+"""Commands that change a DMZ: up, down, destroy, restart, kill, console, firewall up|down|show."""
 
 from __future__ import annotations
 
@@ -32,29 +32,85 @@ def up(
         settings.debug)
 
 
+TimeoutOpt = Annotated[Optional[float], typer.Option(
+    "--timeout", help="Seconds of ACPI grace before destroy (default: each VM's shutdown_timeout)")]
+
+
+def _check_timeout(timeout: Optional[float]) -> None:
+    if timeout is not None and timeout < 0:
+        raise ConfigError(["--timeout: must be 0 or more seconds"])
+
+
 @app.command()
 def down(
     ctx: typer.Context,
     configs: ConfigArgs = None,
     vm: VmOpt = None,
-    timeout: Annotated[Optional[float], typer.Option(
-        "--timeout", help="Seconds of ACPI grace before destroy (default: each VM's shutdown_timeout)")] = None,
+    timeout: TimeoutOpt = None,
     keep_network: Annotated[bool, typer.Option(
-        "--keep-network", help="Stop the VMs but keep network, filters and firewall")] = False,
+        "--keep-network", help="Stop the VMs but keep network and firewall up")] = False,
     connect: ConnectOpt = None,
 ) -> None:
-    """ACPI shutdown of the VMs (destroy after the timeout), then remove what dmzctl created."""
+    """Halt: ACPI shutdown of the VMs (destroy after the timeout), stop the network, remove the firewall.
+    The definitions stay (virt-manager shows the VMs "Shut off"); `destroy` removes them."""
     from ..ops import lifecycle
 
     settings = settings_of(ctx, connect)
 
     def action():
-        if timeout is not None and timeout < 0:
-            raise ConfigError(["--timeout: must be 0 or more seconds"])
+        _check_timeout(timeout)
         each_dmz(settings, configs, lambda virt, dmz: print_outcome(
             lifecycle.down(virt, dmz, settings, vm, timeout, keep_network, say=say), "down"))
 
     run(action, settings.debug)
+
+
+@app.command()
+def destroy(
+    ctx: typer.Context,
+    configs: ConfigArgs = None,
+    vm: VmOpt = None,
+    timeout: TimeoutOpt = None,
+    delete_volumes: Annotated[bool, typer.Option(
+        "--delete-volumes", help="Also delete the volumes dmzctl made for these VMs (their data: gone)")] = False,
+    yes: Annotated[bool, typer.Option(
+        "--yes", help="Do not ask before deleting volumes (needed without a terminal)")] = False,
+    connect: ConnectOpt = None,
+) -> None:
+    """Halt as `down` does, then remove the definitions: VMs, nwfilters, network (all of the DMZ, or
+    only --vm's). Volumes are kept unless --delete-volumes."""
+    from ..ops import teardown
+
+    settings = settings_of(ctx, connect)
+
+    def action():
+        _check_timeout(timeout)
+        if delete_volumes and not yes:
+            for dmz in load_configs(configs):  # every DMZ asked before any is touched
+                confirm_volume_deletion(dmz, vm)
+        each_dmz(settings, configs, lambda virt, dmz: print_outcome(
+            teardown.destroy(virt, dmz, settings, vm, timeout, delete_volumes, say=say), "destroy"))
+
+    run(action, settings.debug)
+
+
+def confirm_volume_deletion(dmz, only: Optional[list[str]]) -> None:
+    """Data goes only on an explicit word: --yes, or 'yes' typed at a terminal."""
+    import sys
+
+    from ..ops.common import selected_vms
+    from ..ops.teardown import volumes_to_delete
+
+    names = selected_vms(dmz, only) if only else [v.name for v in dmz.vms]
+    volumes = [f"{pool}/{name}" for pool, name in volumes_to_delete(dmz, names)]
+    if not volumes:
+        return
+    if not sys.stdin.isatty():
+        raise DmzctlError(f"DMZ {dmz.name}: --delete-volumes deletes {', '.join(volumes)}; "
+                          f"without a terminal, add --yes to confirm")
+    answer = typer.prompt(f"Delete {', '.join(volumes)} (their data is lost)? Type yes", default="no")
+    if answer.strip().lower() != "yes":
+        raise DmzctlError(f"DMZ {dmz.name}: not confirmed; nothing was destroyed")
 
 
 @app.command()

@@ -73,7 +73,7 @@ def install(
         "/etc/systemd/system"),
 ) -> None:
     """Install the boot units (dmzctl.service, dmzctl-guard.service) and the libvirt hooks; say what was
-    done and what was skipped."""
+    done and what was skipped. Both name this dmzctl: the units its script, the hooks its interpreter."""
     from ..ops.install import install as install_all
     from ..ops.common import require_root
 

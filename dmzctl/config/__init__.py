@@ -7,7 +7,8 @@ The result is a tree of frozen dataclasses that the renderers consume.
   model    the dataclasses (DMZ, VM, Hole, Disk, ...) and the defaults derived from names
   checker  the problem collector with its typed getters, and the value parsers
   dmz      the [dmz] table, then its VMs and holes: parse_dmz
-  vm       the [[vm]] tables; disks, limits and holes in their own modules
+  vm       the [[vm]] tables; disks, limits, holes and provision (image, volumes, cloud-init) in their own
+           modules
   load     files: load_dmz, load_all (what must be unique across DMZs)
 """
 
@@ -22,9 +23,11 @@ from .limits import (
 )
 from .load import DEFAULT_CONFIG_DIR, default_config_paths, load_all, load_dmz
 from .model import (
-    DMZ, IFNAMSIZ, MAX_FLOWS, MAX_NEW_FLOWS, VM, Disk, EgressAllow, FlowCaps, Hole, Image, IPAddress, IPInterface,
-    IPNetwork, Limits, Publish, default_bridge, default_format, default_mac,
+    DEFAULT_POOL, DMZ, IFNAMSIZ, MAX_FLOWS, MAX_NEW_FLOWS, VM, CloudInit, Disk, EgressAllow, FlowCaps, Hole, Image,
+    IPAddress, IPInterface, IPNetwork, Limits, Publish, Volume, data_volume_name, default_bridge, default_format,
+    default_mac, root_volume_name, seed_volume_name, volume_names,
 )
+from .provision import CLOUD_INIT_KEYS, PROVISION_KEYS, VOLUME_KEYS, parse_size
 from .vm import BOOT, GRAPHICS, GRAPHICS_LISTEN, MAC_RE, MIN_MEMORY_MIB, VIRT_TYPES, VM_KEYS, VM_NAME_RE
 
 __all__ = [
@@ -36,4 +39,6 @@ __all__ = [
     "QEMU_OVERHEAD_MIB", "RATE_RE", "VIRT_TYPES", "VM", "VM_KEYS", "VM_NAME_RE", "Disk", "FlowCaps", "Hole",
     "Image", "Limits", "default_bridge", "default_config_paths", "default_format", "default_mac", "load_all",
     "load_dmz", "parse_dmz", "parse_memory", "parse_rate",
+    "CLOUD_INIT_KEYS", "CloudInit", "DEFAULT_POOL", "PROVISION_KEYS", "VOLUME_KEYS", "Volume", "data_volume_name",
+    "parse_size", "root_volume_name", "seed_volume_name", "volume_names",
 ]

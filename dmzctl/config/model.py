@@ -93,6 +93,27 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class Volume:
+    """An extra data disk: an empty qcow2 volume in the VM's pool, kept across down and destroy."""
+
+    name: str
+    size: int  # bytes
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    """What the NoCloud seed says ([vm.cloud_init]); the files it names were read when the config was."""
+
+    hostname: str
+    ssh_authorized_keys: tuple[str, ...] = ()
+    user_data: Optional[Path] = None  # a #cloud-config merged with the above
+    user_data_text: Optional[str] = None  # its content, as read
+
+
+DEFAULT_POOL = "dmzctl"
+
+
+@dataclass(frozen=True)
 class Limits:
     """Optional caps on what one VM may take from the host ([vm.limits]); None is no cap."""
 
@@ -143,6 +164,16 @@ class VM:
     graphics_listen: str = "socket"  # GRAPHICS_LISTEN
     limits: Limits = field(default_factory=Limits)
     flow_caps: Optional[FlowCaps] = None  # caps of its own (all three values); None: the DMZ's
+    image: Optional[Image] = None  # a base image, never written: the root volume's backing store
+    disk_size: Optional[int] = None  # bytes: the root volume's virtual size
+    pool: str = DEFAULT_POOL  # the libvirt storage pool of the VM's volumes
+    volumes: tuple[Volume, ...] = ()
+    cloud_init: Optional[CloudInit] = None  # a seed is made for every VM with an image
+
+    @property
+    def provisioned(self) -> bool:
+        """Whether dmzctl makes volumes for this VM in a pool."""
+        return self.image is not None or bool(self.volumes) or self.cloud_init is not None
 
 
 @dataclass(frozen=True)
@@ -205,6 +236,25 @@ class DMZ:
 def default_format(path: str) -> str:
     """The format a disk has when the config names none: from its name, never from its content."""
     return "qcow2" if path.lower().endswith(".qcow2") else "raw"
+
+
+def root_volume_name(vm_name: str) -> str:
+    return f"{vm_name}-root.qcow2"
+
+
+def seed_volume_name(vm_name: str) -> str:
+    return f"{vm_name}-cidata.iso"
+
+
+def data_volume_name(vm_name: str, volume: str) -> str:
+    return f"{vm_name}-{volume}.qcow2"
+
+
+def volume_names(vm: "VM") -> list[str]:
+    """Every volume dmzctl makes for the VM in its pool: root, data volumes, seed."""
+    names = [root_volume_name(vm.name)] if vm.image is not None else []
+    names += [data_volume_name(vm.name, volume.name) for volume in vm.volumes]
+    return names + ([seed_volume_name(vm.name)] if vm.cloud_init is not None else [])
 
 
 def default_bridge(dmz_name: str) -> str:

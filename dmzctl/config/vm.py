@@ -10,7 +10,8 @@ from typing import Any, Optional
 from .checker import Checker, DmzScope, parse_memory
 from .disks import parse_disks
 from .limits import FLOW_CAP_KEYS, parse_flow_caps, parse_limits
-from .model import VM, FlowCaps, default_mac
+from .model import VM, FlowCaps, default_mac, volume_names
+from .provision import PROVISION_KEYS, parse_provision
 
 VM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}\Z")
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}\Z")
@@ -25,11 +26,11 @@ VM_KEYS = {
     "name", "memory", "vcpus", "disks", "cdrom", "boot", "kernel", "initrd",
     "cmdline", "ip", "ip6", "mac", "graphics", "shutdown_timeout", "autostart",
     "virt_type", "domain_xml", "graphics_listen", "limits",
-} | FLOW_CAP_KEYS
+} | FLOW_CAP_KEYS | PROVISION_KEYS
 PATH_KEYS = ("cdrom", "kernel", "initrd", "domain_xml")
 # A VM is built only when all of these are valid; the others have valid defaults or are optional.
 REQUIRED_FIELDS = ("name", "memory_mib", "vcpus", "boot", "mac", "graphics", "graphics_listen", "limits",
-                   "shutdown_timeout", "autostart", "virt_type")
+                   "shutdown_timeout", "autostart", "virt_type", "pool")
 UNIQUE_FIELDS = ("name", "ip", "ip6", "mac")
 
 
@@ -52,8 +53,24 @@ def parse_vms(check: Checker, raw_vms: Any, scope: DmzScope) -> list[VM]:
             continue
         if ("ip" in table and fields["ip"] is None) or ("ip6" in table and fields["ip6"] is None):
             continue  # already reported; holes `from` it must not claim it has no address
+        if ("image" in table and fields["image"] is None) or \
+                (("cloud_init" in table or "image" in table) and fields["cloud_init"] is None):
+            continue  # already reported
         vms.append(VM(**fields))
+    _check_volume_names(check, vms)
     return vms
+
+
+def _check_volume_names(check: Checker, vms: list[VM]) -> None:
+    """Two VMs of a DMZ must not name the same volume of a pool (VM a's volume b-root is VM a-b's root)."""
+    owners: dict[tuple[str, str], str] = {}
+    for vm in vms:
+        for name in volume_names(vm):
+            key = (vm.pool, name)
+            if key in owners and owners[key] != vm.name:
+                check.problem(f"vm[{vm.name}].volume", f"volume {name} in pool {vm.pool} is also VM "
+                                                      f"{owners[key]}'s; rename the volume")
+            owners.setdefault(key, vm.name)
 
 
 def _vm_fields(check: Checker, table: dict, where: str, scope: DmzScope) -> dict:
@@ -62,13 +79,14 @@ def _vm_fields(check: Checker, table: dict, where: str, scope: DmzScope) -> dict
     fields = {"name": _name(check, table, where)}
     fields.update(_resources(check, table, where))
     fields["disks"] = parse_disks(check, table, where)
+    fields.update(parse_provision(check, table, where, fields["name"]))
     fields.update(_boot(check, table, where, _paths(check, table, where)))
     fields["ip"] = _ip(check, table, where, scope)
     fields["ip6"] = _ip6(check, table, where, scope)
     fields["mac"] = _mac(check, table, where, scope.name, fields["name"])
     fields.update(_console(check, table, where))
     # A disk given but invalid is reported as such, not as "no disk to limit".
-    has_disk = bool(table.get("disks")) or "cdrom" in table
+    has_disk = bool(table.get("disks")) or "cdrom" in table or "image" in table or "volume" in table
     fields["limits"] = parse_limits(check, table, where, fields["memory_mib"], has_disk)
     fields.update(_running(check, table, where))
     # Caps the same as the DMZ's are the DMZ's: the VM gets no nft chain of its own.
@@ -117,7 +135,7 @@ def _boot(check: Checker, table: dict, where: str, paths: dict) -> dict:
         check.problem(f"{where}.boot", "'kernel' needs vm.kernel, the kernel image to boot")
     # Disks given but wrong are reported on their own, not also as "nothing to boot".
     raw_disks = table.get("disks", [])
-    no_disks = isinstance(raw_disks, list) and not raw_disks
+    no_disks = isinstance(raw_disks, list) and not raw_disks and "image" not in table
     if boot == "hd" and no_disks and "boot" in table:
         check.problem(f"{where}.boot", "'hd' needs at least one entry in vm.disks")
     if boot == "hd" and no_disks and "boot" not in table:

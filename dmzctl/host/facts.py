@@ -104,5 +104,20 @@ def host_view() -> HostView:
     return HostView(networks=tuple(unique), addresses=tuple(dict.fromkeys(addresses)))
 
 
+def uplink() -> Optional[str]:
+    """The interface of the IPv4 default route (else IPv6's), if the host has one: its uplink."""
+    for family in ("-4", "-6"):
+        try:
+            result = subprocess.run(["ip", "-j", family, "route", "show", "default"], capture_output=True, text=True,
+                                    timeout=10)
+            routes = json.loads(result.stdout or "[]") if result.returncode == 0 else []
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            continue
+        for route in routes:
+            if route.get("dev"):
+                return route["dev"]
+    return None
+
+
 def running_as_root() -> bool:
     return os.geteuid() == 0

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import DMZ, Disk, Image
+from ..config import DMZ, VM, Disk, Image
 from ..errors import HostError
 from ..render.domain import disk_target
 
@@ -172,7 +172,9 @@ def check_disks(dmz: DMZ, vm_names: list[str], read: ReadHead = read_head) -> No
     for vm in dmz.vms:
         if vm.name not in vm_names:
             continue
-        for index, disk in enumerate(vm.disks):
+        check_image(vm, read)
+        first = 1 if vm.image is not None else 0  # the root volume is vda
+        for index, disk in enumerate(vm.disks, start=first):
             found = disk_problem(disk, read)
             if found is None:
                 continue
@@ -180,3 +182,32 @@ def check_disks(dmz: DMZ, vm_names: list[str], read: ReadHead = read_head) -> No
             disk_name = disk_target(index) if image.path == disk.path else f"{disk_target(index)} ({disk.path})"
             raise HostError(f"VM {vm.name}: disk {disk_name}: {image.path} {problem}; refusing to start it "
                             f"(name the backing chain and formats in vm.disks, or fix the file)")
+
+
+def qcow2_virtual_size(head: bytes) -> int:
+    """The guest-visible size a qcow2 header states (offset 24, u64), after the header checks."""
+    parse_qcow2_header(head)
+    return struct.unpack_from(">Q", head, 24)[0]
+
+
+def check_image(vm: VM, read: ReadHead = read_head) -> None:
+    """A cloud-image VM's base image: self-contained as the config says, readable by QEMU's user
+    without relabelling (dmzctl asks libvirt not to chown a shared image), and no larger than
+    disk_size (a qcow2 file's size from its header; a raw file's is its length)."""
+    if vm.image is None:
+        return
+    image, where = vm.image, f"VM {vm.name}: image {vm.image.path}"
+    found = disk_problem(Disk(image.path, image.format, ()), read)
+    if found is not None:
+        raise HostError(f"{where} {found[1]}; a base image must be a file of its own (vm.image, vm.image_format)")
+    try:
+        mode = image.path.stat().st_mode
+        size = qcow2_virtual_size(read(image.path)) if image.format == "qcow2" else image.path.stat().st_size
+    except OSError as error:
+        raise HostError(f"{where} cannot be read ({error.strerror})") from None
+    if not mode & 0o004:
+        raise HostError(f"{where} is not readable by QEMU's user (mode {mode & 0o777:04o}); make it world-readable "
+                        f"(chmod a+r): dmzctl tells libvirt never to chown a shared base image")
+    if size > vm.disk_size:
+        raise HostError(f"VM {vm.name}: disk_size {vm.disk_size} bytes is smaller than image {image.path} "
+                        f"({size} bytes); set vm.disk_size to at least {-(-size // (1 << 30))}GiB")

@@ -18,6 +18,7 @@ from lxml import etree
 
 from ..errors import HostError
 from .objects import DomainInfo, NetworkInfo, describe, digest_of, owner_of, state_name
+from .storage import StorageMixin
 
 try:
     import libvirt
@@ -55,9 +56,9 @@ def _start_event_loop() -> None:
         _event_loop_started = True
 
 
-class Virt:
+class Virt(StorageMixin):
     """A connection plus the calls dmzctl makes, by object name; every libvirtError becomes a
-    HostError, and no libvirt object leaves this class."""
+    HostError, and no libvirt object leaves this class (pools and volumes: host/storage.py)."""
 
     def __init__(self, uri: str):
         if libvirt is None:

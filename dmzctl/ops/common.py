@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import DMZ, VM
+from ..config import DEFAULT_POOL, DMZ, VM
 from ..desired import DesiredDMZ, build
 from ..errors import DmzctlError, HostError
 from ..host import facts, images, nft
@@ -17,8 +17,9 @@ from ..host.virt import Virt
 from ..implicit import blocks_for
 from ..render.domain import HostFacts
 from ..render.nft import render_table, table_name
+from ..render.storage import DEFAULT_POOL_DIR
 from ..settings import Settings
-from ..state import Snapshot, snapshot
+from ..state import Observed, Snapshot, snapshot
 
 Say = Callable[[str], None]
 
@@ -69,14 +70,36 @@ def require_root() -> None:
         raise HostError("must run as root: nftables and libvirt's system instance need it")
 
 
-def host_facts(virt: Virt, settings: Settings) -> HostFacts:
+def host_facts(virt: Virt, settings: Settings, dmz: Optional[DMZ] = None) -> HostFacts:
     """What rendering needs from the host; never anything read from a disk image (see images.py)."""
-    return HostFacts(kvm_usable=virt.kvm_usable(), virt_type_override=settings.virt_type)
+    pools = pool_paths(virt, dmz) if dmz is not None else ()
+    return HostFacts(kvm_usable=virt.kvm_usable(), virt_type_override=settings.virt_type, pool_paths=pools)
 
 
 def desired_state(virt: Virt, dmz: DMZ, settings: Settings) -> DesiredDMZ:
     """The DMZ as `up` would make it on this host now: with the host's facts and networks."""
-    return build(dmz, host_facts(virt, settings), facts.host_view())
+    return build(dmz, host_facts(virt, settings, dmz), facts.host_view())
+
+
+def pool_paths(virt: Virt, dmz: DMZ) -> tuple[tuple[str, str], ...]:
+    """(pool, directory) of the pools the DMZ's VMs name, as the host has them."""
+    found = []
+    for pool in sorted({vm.pool for vm in dmz.vms if vm.provisioned}):
+        info = virt.pool_info(pool)
+        if info is not None and info.path:
+            found.append((pool, info.path))
+    return tuple(found)
+
+
+def check_pools(dmz: DMZ, observed: Observed, vm_names: list[str]) -> None:
+    """Before anything changes: every pool a VM names exists, or is dmzctl's own (made by up)."""
+    for vm in dmz.vms:
+        if vm.name not in vm_names or not vm.provisioned:
+            continue
+        if observed.pools.get(vm.pool) is None and vm.pool != DEFAULT_POOL:
+            raise HostError(f"VM {vm.name}: storage pool {vm.pool!r} does not exist; define it (virsh "
+                            f"pool-define-as {vm.pool} dir --target DIR, pool-build, pool-start) or leave "
+                            f"vm.pool unset to use dmzctl's own pool at {DEFAULT_POOL_DIR}")
 
 
 def table_only(dmz: DMZ) -> DesiredDMZ:
@@ -119,10 +142,12 @@ def preflight(virt: Virt, snap: Snapshot, vm_names: list[str]) -> None:
     if missing:
         raise HostError("missing file(s): " + "; ".join(missing))
     images.check_disks(dmz, vm_names)
+    check_pools(dmz, observed, vm_names)
 
 
 def _files_of(vm: VM) -> list[tuple[str, Optional[Path]]]:
     layers = [("disk", image.path) for disk in vm.disks for image in disk.chain]
+    layers += [("image", vm.image.path)] if vm.image is not None else []
     return layers + [("cdrom", vm.cdrom), ("kernel", vm.kernel), ("initrd", vm.initrd)]
 
 

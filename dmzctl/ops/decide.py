@@ -16,7 +16,9 @@ from .. import xmlcompare
 from ..desired import DesiredDMZ
 from ..host.objects import DomainInfo, digest_of
 from ..render.base import to_string
-from ..state import Observed, same_filter
+from ..config import DEFAULT_POOL, VM, seed_volume_name
+from ..render.storage import render_data_volume, render_pool, render_root_volume, render_seed_volume
+from ..state import Observed, same_filter, seed_hash
 
 
 @dataclass(frozen=True)
@@ -98,3 +100,68 @@ def decide_firewall_action(observed: Observed) -> Optional[str]:
     if observed.table.in_sync:
         return None
     return "update" if observed.table.exists else "apply"
+
+
+@dataclass(frozen=True)
+class VolumeDecision:
+    vm: str
+    pool: str
+    name: str
+    kind: str  # root | data | seed
+    action: str  # create | update (a seed whose content differs: deleted and made anew)
+    xml: str
+    data: Optional[bytes] = None  # what is uploaded into it (the seed)
+
+
+@dataclass(frozen=True)
+class StorageDecision:
+    pool: str
+    pool_action: Optional[str]  # create (dmzctl's own pool, absent) | start | None
+    pool_xml: Optional[str]
+    volumes: tuple[VolumeDecision, ...]
+    notes: tuple[str, ...] = ()  # what up leaves as it is, and says
+
+
+def decide_storage(desired: DesiredDMZ, observed: Observed, name: str) -> Optional[StorageDecision]:
+    """The pool, volumes and seed a cloud-image VM needs before it is defined. An existing root or
+    data volume is never made anew (it holds the VM's data); a seed whose content differs is."""
+    vm = desired.dmz.vm(name)
+    if not vm.provisioned:
+        return None
+    pool = observed.pools.get(vm.pool)
+    action = None if pool is not None and pool.active else ("start" if pool is not None else "create")
+    pool_xml = to_string(render_pool(vm.pool)) if action == "create" and vm.pool == DEFAULT_POOL else None
+    wanted = _wanted_volumes(desired, vm)
+    decisions, notes = [], []
+    for kind, volume_name, element, data in wanted:
+        live = observed.volumes.get((vm.pool, volume_name))
+        if live is None:
+            decisions.append(VolumeDecision(name, vm.pool, volume_name, kind, "create", to_string(element), data))
+        elif kind == "seed" and observed.seeds.get(name) != seed_hash(data):
+            decisions.append(VolumeDecision(name, vm.pool, volume_name, kind, "update", to_string(element), data))
+        elif kind == "root" and (live.backing != str(vm.image.path) or live.backing_format != vm.image.format):
+            notes.append(f"volume {vm.pool}/{volume_name} exists over {live.backing} ({live.backing_format}), not "
+                         f"{vm.image.path} ({vm.image.format}); dmzctl never makes a root volume anew: "
+                         f"delete it yourself to start from the new image")
+        elif kind != "seed" and live.capacity < element_capacity(element):
+            notes.append(f"volume {vm.pool}/{volume_name} is smaller than the config says; dmzctl does not resize "
+                         f"volumes (virsh vol-resize, then grow the file system)")
+    return StorageDecision(vm.pool, action, pool_xml, tuple(decisions), tuple(notes))
+
+
+def element_capacity(element: etree._Element) -> int:
+    return int(element.findtext("capacity"))
+
+
+def _wanted_volumes(desired: DesiredDMZ, vm: VM) -> list[tuple[str, str, etree._Element, Optional[bytes]]]:
+    wanted = []
+    if vm.image is not None:
+        root = render_root_volume(vm)
+        wanted.append(("root", root.findtext("name"), root, None))
+    for volume in vm.volumes:
+        element = render_data_volume(vm, volume)
+        wanted.append(("data", element.findtext("name"), element, None))
+    if vm.cloud_init is not None:
+        data = desired.seeds[vm.name]
+        wanted.append(("seed", seed_volume_name(vm.name), render_seed_volume(vm, len(data)), data))
+    return wanted

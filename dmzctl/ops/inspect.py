@@ -18,7 +18,7 @@ from ..host.lock import dmz_lock
 from ..host.virt import Virt
 from ..settings import Settings
 from ..state import Difference, Snapshot, snapshot, summary_of
-from . import lifecycle
+from . import lifecycle, teardown
 from .common import bridge_netfilter_warnings, desired_state
 
 
@@ -55,9 +55,22 @@ class DMZStatus:
     def ok(self) -> bool:
         return not self.differences
 
+    @property
+    def verdict(self) -> str:
+        """OK; DOWN (defined, not running: `dmzctl down`); NOT DEFINED; or NOT AS CONFIGURED."""
+        kinds = {d.kind for d in self.differences}
+        if not kinds:
+            return "OK"
+        if "dmz-down" in kinds:
+            return "DOWN (defined, not running)" if len(kinds) == 1 else "DOWN (defined, not as configured)"
+        if self.network == "absent" and all(vm.state == "absent" for vm in self.vms):
+            return "NOT DEFINED"
+        return "NOT AS CONFIGURED"
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["ok"] = self.ok
+        data["verdict"] = self.verdict
         return data
 
 
@@ -103,7 +116,7 @@ def _vm_status(dmz: DMZ, vm, info, differences: list[Difference], leases: list[d
 
 def format_status(status: DMZStatus) -> str:
     differs = " (differs from config)" if not status.network_as_configured and status.network == "active" else ""
-    lines = [f"DMZ {status.name} ({status.config}): {'OK' if status.ok else 'NOT AS CONFIGURED'}",
+    lines = [f"DMZ {status.name} ({status.config}): {status.verdict}",
              f"  network   {status.network}{differs}",
              f"  firewall  {status.firewall}",
              f"  hooks     {status.hooks}"]
@@ -162,8 +175,8 @@ def fix(virt: Virt, dmz: DMZ, result: DMZCheck, settings: Settings, say: Callabl
     try:
         with dmz_lock(settings.run_dir, dmz.name, say=say):
             outcome = lifecycle.up(virt, dmz, settings, say=lambda message: None)
-            # The config no longer names them: stopped and undefined, as `down` would (disks stay).
-            lifecycle.remove_domains(virt, dmz, strays, settings, outcome, say=lambda message: None)
+            # The config no longer names them: stopped and undefined, as `destroy` would (disks stay).
+            teardown.remove_domains(virt, dmz, strays, settings, outcome, say=lambda message: None)
             changes = outcome.changes + [f"PENDING: {p}" for p in outcome.pending]
     except DmzctlError as failure:
         error = str(failure)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import HostError
+from ..render.base import shipped_dir
 from ..hooks.files import (HOOKS_DIR, SYSTEMD_RUN, Report, _write, install_hooks, restart_note, systemd_running,
                            uninstall_hooks)
 
@@ -24,22 +25,21 @@ UNITS = ("dmzctl.service", "dmzctl-guard.service")
 
 
 def dmzctl_binary() -> list[str]:
-    """The command that runs this dmzctl: its script when started as `dmzctl`, else `python -m dmzctl.cli`."""
+    """The command that runs this dmzctl: the `dmzctl` script of this interpreter's environment (what
+    scripts/install.sh installs under its prefix, not the PATH link to it), else the script it was
+    started as, else `python -m dmzctl.cli`."""
+    beside = Path(sys.executable).parent / "dmzctl"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
     argv0 = Path(sys.argv[0])
     if argv0.name == "dmzctl":
         found = argv0 if "/" in sys.argv[0] else Path(shutil.which(sys.argv[0]) or argv0)
         return [str(found.absolute())]
-    beside = Path(sys.executable).parent / "dmzctl"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return [str(beside)]
     return [sys.executable, "-m", "dmzctl.cli"]
 
 
 def unit_source_dir() -> Path:
-    in_tree = Path(__file__).resolve().parents[2] / "systemd"
-    if in_tree.is_dir():
-        return in_tree
-    return Path("/usr/share/dmzctl/systemd")
+    return shipped_dir("systemd")
 
 
 def render_unit(name: str, binary: list[str]) -> str:

@@ -1,7 +1,7 @@
 """Bringing a DMZ up and down through libvirt and nftables, fail closed.
 
 Order in `up`: checks (nothing changed yet) -> hooks -> network -> nwfilters -> nft
-table -> the other DMZs' tables -> VMs. VMs start only when the network is active and
+table -> the other DMZs' tables -> VMs (each: its pool, volumes and seed, then the domain). VMs start only when the network is active and
 the table is in place. Whatever one run created is undone, newest first, when a later
 step fails. What to do to each object comes from ops/decide.py, on the state observed
 once at the start (state.py): `plan` shows the very same decisions.
@@ -10,19 +10,18 @@ once at the start (state.py): `plan` shows the very same decisions.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable, Optional
 
 from .. import events, xmlcompare
-from ..config import DMZ, VM, load_dmz
+from ..config import DMZ, VM
 from ..desired import DesiredDMZ
-from ..errors import DmzctlError, HostError, LockedError
+from ..errors import DmzctlError, HostError
 from ..hooks import files as hook_files
-from ..host import facts, images, nft
+from ..host import images, nft
 from ..host.lock import SHARED_FILTERS, dmz_lock, held_down_marker
 from ..host.virt import Virt
-from ..implicit import blocks_for
 from ..render.base import to_string
 from ..render.nft import apply_batch, delete_batch, table_name
 from ..settings import Settings
@@ -30,6 +29,8 @@ from ..state import Observed, TableState, observe_table
 from .common import (Outcome, Say, Undo, bridge_netfilter_warnings, inspect_for_up, require_root, selected_vms,
                      table_only)
 from .decide import decide_domain, decide_firewall_action, decide_network, decide_nwfilters
+from .provision import up_storage
+from .refresh import refresh_other_tables
 
 
 # --- up ----------------------------------------------------------------------------
@@ -57,9 +58,10 @@ def up(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = Non
         if not nft.table_exists(desired.table):
             raise HostError(f"firewall table {desired.table} is missing; no VM is started without it")
         # The other DMZs must block this one's subnets before its VMs run (and vice versa).
-        refresh_other_tables(dmz, outcome, settings)
-        for name in vm_names:
-            _up_domain(virt, desired, observed, name, restart_changed, outcome, undo, settings)
+        refresh_other_tables(dmz, outcome, settings, virt)
+        to_start = [name for name in vm_names
+                    if _up_domain(virt, desired, observed, name, restart_changed, outcome, undo, settings)]
+        start_vms(virt, dmz, to_start, outcome, undo, settings)
     except BaseException:
         if undo.steps:
             say(f"{dmz.name}: failed; undoing what this run did")
@@ -121,8 +123,11 @@ def apply_firewall(desired: DesiredDMZ, table: TableState, outcome: Outcome, und
 
 
 def _up_domain(virt: Virt, desired: DesiredDMZ, observed: Observed, name: str, restart_changed: bool,
-               outcome: Outcome, undo: Undo, settings: Settings) -> None:
+               outcome: Outcome, undo: Undo, settings: Settings) -> bool:
+    """Storage, definition, restart, autostart of one VM; True when it is to be started."""
     dmz, vm = desired.dmz, desired.dmz.vm(name)
+    # Volumes and the seed first: a domain is never defined over a disk that is not there.
+    up_storage(virt, desired, observed, name, outcome, undo, settings)
     decision = decide_domain(desired, observed, name, restart_changed)
     if decision.define is not None:
         virt.define_domain(decision.want_xml)
@@ -138,13 +143,34 @@ def _up_domain(virt: Virt, desired: DesiredDMZ, observed: Observed, name: str, r
                                f"(dmzctl up --restart-changed)")
     if virt.domain_info(name).autostart != vm.autostart:
         virt.set_autostart(name, vm.autostart)
-    if not virt.is_running(name):
-        (outcome.say or print)(f"{dmz.name}: starting {name}")
+    return not virt.is_running(name)
+
+
+def start_vms(virt: Virt, dmz: DMZ, names: list[str], outcome: Outcome, undo: Undo, settings: Settings) -> None:
+    """Start them all at once (libvirt creates domains in parallel): `up` of N VMs takes about as long
+    as one. The table is in place before this is called. Every VM that started is undone on any failure."""
+    say = outcome.say or print
+    for name in names:
+        say(f"{dmz.name}: starting {name}")
+
+    def start(name: str) -> float:
         began = time.monotonic()
-        start_vm(virt, vm, dmz)
-        outcome.change(f"VM {name} started ({time.monotonic() - began:.1f} s)")
+        start_vm(virt, dmz.vm(name), dmz)
+        return time.monotonic() - began
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), 8)), thread_name_prefix="start") as pool:
+        futures = {name: pool.submit(start, name) for name in names}
+    failures = []
+    for name, future in futures.items():
+        error = future.exception()
+        if error is not None:
+            failures.append(error)
+            continue
+        outcome.change(f"VM {name} started ({future.result():.1f} s)")
         events.record(settings.event_log, f"dmz={dmz.name} vm={name} started")
-        undo.add(f"VM {name} start", lambda: virt.destroy_domain(name))
+        undo.add(f"VM {name} start", lambda name=name: virt.destroy_domain(name))
+    if failures:
+        raise failures[0]
 
 
 def start_vm(virt: Virt, vm: VM, dmz: DMZ) -> None:
@@ -173,37 +199,6 @@ def limits_start_hint(message: str, vm: VM) -> Optional[str]:
         return (f"{where}: cpu_per_vcpu and memory_max need libvirt's cgroup cpu and memory controllers; "
                 f"mount them or remove those limits")
     return None
-
-
-def refresh_other_tables(dmz: DMZ, outcome: Outcome, settings: Settings) -> None:
-    """Re-apply every other live DMZ table that the host's networks have made stale.
-
-    Their configs are found through their networks' metadata. A DMZ held by another
-    dmzctl run is left to it (it renders with the view it reads), as is one whose
-    table an admin took down on purpose.
-    """
-    view = facts.host_view()
-    others = {network.dmz: network.config for network in view.networks
-              if network.dmz and network.dmz != dmz.name and network.config}
-    for name, config in sorted(others.items()):
-        try:
-            other = load_dmz(Path(config))
-        except DmzctlError as error:
-            outcome.pending.append(f"DMZ {name}: its table could not be refreshed: {str(error).splitlines()[0]}")
-            continue
-        table = table_name(other)
-        if other.name != name or held_down_marker(settings.run_dir, name).exists() or not nft.table_exists(table):
-            continue
-        batch = apply_batch(other, blocks_for(other, view))
-        try:
-            with dmz_lock(settings.run_dir, name, timeout=0):
-                if nft.canonical(nft.list_table(table)) == nft.kernel_form(batch, table):
-                    continue
-                nft.apply(batch)
-        except LockedError:
-            continue
-        outcome.change(f"firewall table inet {table} of DMZ {name} refreshed (the host's networks changed)")
-        events.record(settings.event_log, f"dmz={name} firewall table {table} refreshed by dmzctl up of {dmz.name}")
 
 
 # --- down ----------------------------------------------------------------------------
@@ -274,6 +269,9 @@ def owned_domains(virt: Virt, dmz: DMZ) -> list[str]:
 
 def down(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None,
          timeout: Optional[float] = None, keep_network: bool = False, say: Say = print) -> Outcome:
+    """Halt, as the original's `stop`: the VMs off (ACPI, then destroy), the network stopped, the table
+    removed. Every definition stays (virt-manager lists the VMs as "Shut off"); `destroy` removes them.
+    With the hooks in place nobody starts them again without their table."""
     require_root()
     outcome = Outcome(dmz.name, say)
     owned = owned_domains(virt, dmz)
@@ -282,49 +280,22 @@ def down(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = N
         outcome.change(line)
     if only or keep_network:
         return outcome
-    for name in names:
-        virt.undefine_domain(name)
-        outcome.change(f"VM {name} undefined")
-    _remove_nwfilters(virt, dmz, outcome, settings)
     network = virt.network_info(dmz.name)
-    if network is not None and network.owner == dmz.name:
-        virt.remove_network(dmz.name)
-        outcome.change(f"network {dmz.name} removed")
+    if network is not None and network.owner == dmz.name and network.active:
+        virt.stop_network(dmz.name)
+        outcome.change(f"network {dmz.name} stopped (still defined)")
+    remove_table(dmz, outcome, settings, virt)
+    return outcome
+
+
+def remove_table(dmz: DMZ, outcome: Outcome, settings: Settings, virt: Virt) -> None:
+    """The DMZ's table goes (its VMs are off), then the other DMZs' tables follow the host's networks."""
     table = table_name(dmz)
     if nft.table_exists(table):
         nft.apply(delete_batch(table))
         outcome.change(f"firewall table inet {table} removed")
         events.record(settings.event_log, f"dmz={dmz.name} firewall table {table} removed")
-    refresh_other_tables(dmz, outcome, settings)
-    return outcome
-
-
-def remove_domains(virt: Virt, dmz: DMZ, names: list[str], settings: Settings, outcome: Outcome,
-                   say: Say = print) -> None:
-    """Stop (ACPI, then destroy) and undefine these VMs of the DMZ; their disks stay."""
-    for line in stop_domains(virt, dmz, names, settings, say=say):
-        outcome.change(line)
-    for name in names:
-        virt.undefine_domain(name)
-        outcome.change(f"VM {name} undefined")
-
-
-def _remove_nwfilters(virt: Virt, dmz: DMZ, outcome: Outcome, settings: Settings) -> None:
-    from ..render.nwfilter import CLEAN_TRAFFIC
-
-    prefix = f"dmzctl-{dmz.name}-"
-    # Referencing filters first: libvirt refuses to remove a filter still referenced.
-    names = [n for n in virt.nwfilter_names() if n.startswith(prefix)]
-    for name in sorted(names, key=lambda n: (n.count("-guard") + n.count("-spoof"), n)):
-        virt.undefine_nwfilter(name)
-        outcome.change(f"nwfilter {name} removed")
-    # The shared clean-traffic filter goes with the last DMZ that uses it; the lock
-    # keeps another DMZ's `up` from referencing it while it goes.
-    with dmz_lock(settings.run_dir, SHARED_FILTERS):
-        if not any(n.startswith("dmzctl-") and n != CLEAN_TRAFFIC for n in virt.nwfilter_names()):
-            if virt.nwfilter_exists(CLEAN_TRAFFIC):
-                virt.undefine_nwfilter(CLEAN_TRAFFIC)
-                outcome.change(f"nwfilter {CLEAN_TRAFFIC} removed")
+    refresh_other_tables(dmz, outcome, settings, virt)
 
 
 def kill(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None, say: Say = print) -> Outcome:

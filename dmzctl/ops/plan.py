@@ -23,14 +23,16 @@ from ..render.nft_edges import is_name_set
 from ..settings import Settings
 from ..state import Difference
 from ..xmlcompare import xml_diff
-from .decide import decide_domain, decide_firewall_action, decide_network, decide_nwfilters
+from .decide import (
+    StorageDecision, decide_domain, decide_firewall_action, decide_network, decide_nwfilters, decide_storage,
+)
 
 
 # --- the plan -----------------------------------------------------------------
 
 @dataclass
 class Step:
-    kind: str  # network | nwfilter | firewall | vm
+    kind: str  # network | nwfilter | firewall | pool | volume | seed | vm
     name: str
     action: str  # define | update | start | apply | autostart | restart
     note: str = ""
@@ -47,6 +49,7 @@ class Plan:
     config: str
     steps: list[Step] = field(default_factory=list)
     differences: list[Difference] = field(default_factory=list)  # what status and check report
+    notes: list[str] = field(default_factory=list)  # what up will leave as it is, and say so
 
     @property
     def empty(self) -> bool:
@@ -54,7 +57,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"dmz": self.dmz, "config": self.config, "changes": [s.to_dict() for s in self.steps],
-                "differences": [d.to_dict() for d in self.differences]}
+                "differences": [d.to_dict() for d in self.differences], "notes": self.notes}
 
 
 def compute(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = None,
@@ -75,8 +78,29 @@ def compute(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] 
                                "replaced whole in one transaction" if observed.table.exists else "",
                                firewall_diff(desired) if diffs else []))
     for name in vm_names:
+        storage = decide_storage(desired, observed, name)
+        plan.steps += _storage_steps(storage, name)
+        plan.notes += list(storage.notes) if storage is not None else []
         plan.steps += _domain_steps(desired, observed, name, restart_changed, diffs)
     return plan
+
+
+def _storage_steps(decision: Optional[StorageDecision], name: str) -> list[Step]:
+    if decision is None:
+        return []
+    steps = []
+    if decision.pool_action == "create":
+        steps.append(Step("pool", decision.pool, "create", "a dir pool at /var/lib/dmzctl/pool, autostart"))
+    elif decision.pool_action == "start":
+        steps.append(Step("pool", decision.pool, "start"))
+    for volume in decision.volumes:
+        kind = "seed" if volume.kind == "seed" else "volume"
+        note = {"root": f"qcow2 over its base image, VM {name}", "data": f"empty qcow2, VM {name}",
+                "seed": f"cloud-init NoCloud ISO, VM {name}"}[volume.kind]
+        if volume.action == "update":
+            note = f"cloud-init inputs changed: made anew, VM {name}"
+        steps.append(Step(kind, f"{volume.pool}/{volume.name}", volume.action, note))
+    return steps
 
 
 def _network_steps(desired: DesiredDMZ, observed, diffs: bool) -> list[Step]:
@@ -116,14 +140,15 @@ def _domain_steps(desired: DesiredDMZ, observed, name: str, restart_changed: boo
     return steps
 
 
-SYMBOLS = {"define": "+", "apply": "+", "update": "~", "start": ">", "autostart": "~", "restart": ">"}
-WORDS = {"define": "defined", "apply": "applied", "update": "updated", "start": "started",
+SYMBOLS = {"define": "+", "apply": "+", "create": "+", "update": "~", "start": ">", "autostart": "~",
+           "restart": ">"}
+WORDS = {"define": "defined", "apply": "applied", "create": "created", "update": "updated", "start": "started",
          "autostart": "changed", "restart": "restarted"}
 
 
 def format_plan(plan: Plan) -> str:
     untouched = [d for d in plan.differences if d.kind in UP_LEAVES]
-    notes = [f"  ! {d.line()} (up leaves it)" for d in untouched]
+    notes = [f"  ! {d.line()} (up leaves it)" for d in untouched] + [f"  ! {note}" for note in plan.notes]
     if plan.empty:
         return "\n".join([f"{plan.dmz}: nothing to do ({plan.config})"] + notes) + "\n"
     lines = [f"{plan.dmz}: {len(plan.steps)} change(s) ({plan.config})"]

@@ -15,15 +15,22 @@ OWNED_PREFIX = "dmzctl-"  # nwfilters and nft tables carry no metadata: the name
 UUID_NAMESPACE = uuid.UUID("6f1c9a64-5d0b-4f53-9a0e-2f1c1d0e7a11")
 
 
+def shipped_dir(name: str) -> Path:
+    """A directory of data shipped with dmzctl (xml, systemd): inside an installed package
+    (dmzctl/_data/, see setup.py), else in the source tree, else /usr/share/dmzctl."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "_data" / name, package.parent / name):
+        if candidate.is_dir():
+            return candidate
+    return Path("/usr/share/dmzctl") / name
+
+
 def xml_dir() -> Path:
-    """The shipped base documents: $DMZCTL_XML_DIR, the source tree, or /usr/share."""
+    """The shipped base documents: $DMZCTL_XML_DIR, or where shipped_dir finds them."""
     override = os.environ.get("DMZCTL_XML_DIR")
     if override:
         return Path(override)
-    in_tree = Path(__file__).resolve().parents[2] / "xml"
-    if in_tree.is_dir():
-        return in_tree
-    return Path("/usr/share/dmzctl/xml")
+    return shipped_dir("xml")
 
 
 def load_base(path: Path) -> etree._Element:

@@ -10,6 +10,8 @@ from lxml import etree
 from ..config import DMZ, VM, Image, Limits
 from .base import load_base, metadata_element, place_before, replace_child, stable_uuid, sub, xml_dir
 from .nwfilter import vm_filter_name, vm_filter_parameters
+from .seed import seed_digest
+from .storage import data_volume_path, root_volume_path, seed_volume_path
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,11 @@ class HostFacts:
 
     kvm_usable: bool = False
     virt_type_override: Optional[str] = None
+    pool_paths: tuple[tuple[str, str], ...] = ()  # (pool, target directory) of the pools the VMs name
+
+    @property
+    def pools(self) -> dict[str, str]:
+        return dict(self.pool_paths)
 
 
 def virt_type(vm: VM, facts: HostFacts) -> str:
@@ -44,7 +51,8 @@ def render_domain(dmz: DMZ, vm: VM, facts: HostFacts = HostFacts(),
         replace_child(dom, tag, before=head)
     dom.find("name").text = vm.name
     dom.find("uuid").text = stable_uuid("domain", dmz.name, vm.name)
-    metadata_element(dom, "vm", dmz=dmz.name, config=str(dmz.source), hash=dmz.config_hash)
+    seed = {"seed": seed_digest(dmz, vm)} if vm.cloud_init is not None else {}
+    metadata_element(dom, "vm", dmz=dmz.name, config=str(dmz.source), hash=dmz.config_hash, **seed)
     dom.find("uuid").addnext(dom.find("metadata"))
 
     memory_kib = str(vm.memory_mib * 1024)
@@ -70,7 +78,7 @@ def render_domain(dmz: DMZ, vm: VM, facts: HostFacts = HostFacts(),
         for old in devices.findall(tag):
             devices.remove(old)
     # libvirt keeps devices grouped by kind; insert ours ahead of the base's own.
-    ours = _disks(vm) + [_interface(dmz, vm)] + _graphics(vm)
+    ours = _disks(vm, facts.pools) + [_interface(dmz, vm)] + _graphics(vm)
     for element in reversed(ours):
         devices.insert(0, element)
     _render_limits(dom, vm)
@@ -111,39 +119,52 @@ def disk_target(index: int) -> str:
     return f"vd{chr(ord('a') + index)}"
 
 
-def _disks(vm: VM) -> list[etree._Element]:
-    """Each disk with the format the config gives it and its whole backing chain spelled out.
+def _disks(vm: VM, pools: dict[str, str]) -> list[etree._Element]:
+    """Each disk with the format the config gives it and its whole backing chain spelled out:
+    the root volume (over the base image) first, then vm.disks, then the data volumes.
 
     A guest can write anything into its disk, a qcow2 header naming a host file as backing
     file included: so no format is ever read from an image, and libvirt is told every layer
     and where the chain ends, leaving it nothing to probe.
     """
+    chains: list[tuple[str, str, tuple[Image, ...]]] = []
+    if vm.image is not None:
+        chains.append((str(root_volume_path(vm, pools)), "qcow2", (vm.image,)))
+    chains += [(str(disk.path), disk.format, disk.backing) for disk in vm.disks]
+    chains += [(str(data_volume_path(vm, volume, pools)), "qcow2", ()) for volume in vm.volumes]
     disks = []
-    for index, config_disk in enumerate(vm.disks):
+    for index, (path, fmt, backing) in enumerate(chains):
         disk = etree.Element("disk", type="file", device="disk")
-        sub(disk, "driver", name="qemu", type=config_disk.format)
-        sub(disk, "source", file=str(config_disk.path))
-        _backing_chain(disk, config_disk.backing)
+        sub(disk, "driver", name="qemu", type=fmt)
+        sub(disk, "source", file=path)
+        # The base image of a root volume is shared by every VM made from it: libvirt must not
+        # hand it to QEMU's user (it never gives a shared backing file back).
+        _backing_chain(disk, backing, shared=vm.image is not None and index == 0)
         sub(disk, "target", dev=disk_target(index), bus="virtio")
         disks.append(disk)
-    if vm.cdrom is not None:
+    cdroms = [str(vm.cdrom)] if vm.cdrom is not None else []
+    cdroms += [str(seed_volume_path(vm, pools))] if vm.cloud_init is not None else []
+    for path, target in zip(cdroms, ("hdc", "hdd")):
         cdrom = etree.Element("disk", type="file", device="cdrom")
         sub(cdrom, "driver", name="qemu", type="raw")
-        sub(cdrom, "source", file=str(vm.cdrom))
+        sub(cdrom, "source", file=path)
         _backing_chain(cdrom, ())
-        sub(cdrom, "target", dev="hdc", bus="ide")
+        sub(cdrom, "target", dev=target, bus="ide")
         sub(cdrom, "readonly")
         disks.append(cdrom)
     return disks
 
 
-def _backing_chain(parent: etree._Element, layers: tuple[Image, ...]) -> None:
+def _backing_chain(parent: etree._Element, layers: tuple[Image, ...], shared: bool = False) -> None:
     """Nested <backingStore> elements, outermost first, each with its format; the innermost
-    holds an empty <backingStore/>: the chain ends there, whatever a header says."""
+    holds an empty <backingStore/>: the chain ends there, whatever a header says. A shared
+    chain's files are left as they are (no DAC relabelling): they must be readable by QEMU."""
     for layer in layers:
         parent = sub(parent, "backingStore", type="file")
         sub(parent, "format", type=layer.format)
-        sub(parent, "source", file=str(layer.path))
+        source = sub(parent, "source", file=str(layer.path))
+        if shared:
+            sub(source, "seclabel", model="dac", relabel="no")
     sub(parent, "backingStore")
 
 

@@ -33,6 +33,10 @@ GUARD6_PRIORITY = "-590"
 ACCEPT6_PRIORITY = "-550"
 
 
+# A VM's filters: its top filter (no suffix) and those named after it.
+VM_FILTER_SUFFIXES = ("", "-guard4", "-block", "-spoof6", "-guard6")
+
+
 def vm_filter_name(dmz: DMZ, vm: VM) -> str:
     return f"dmzctl-{dmz.name}-{vm.name}"
 

@@ -1,0 +1,52 @@
+"""verify's last results, kept: one JSON file per DMZ under the state directory
+(`<state_dir>/verify/<dmz>.json`, Settings.state_dir, /var/lib/dmzctl by default), written
+atomically after each run. `dmzctl report` shows it; a metrics exporter can read the same file.
+
+The file is Report.to_dict() plus `finished_at` (ISO 8601, UTC) and `dmzctl_version`."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from ..errors import HostError
+
+
+def record_path(state_dir: Path, dmz_name: str) -> Path:
+    return Path(state_dir) / "verify" / f"{dmz_name}.json"
+
+
+def record(report, state_dir: Path, finished_at: Optional[datetime] = None) -> Path:
+    """Write the report's results for its DMZ (replacing the previous run's); the file's path."""
+    from .. import __version__
+
+    finished_at = finished_at or datetime.now(timezone.utc)
+    data = dict(report.to_dict(), finished_at=finished_at.isoformat(timespec="seconds"), dmzctl_version=__version__)
+    path = record_path(state_dir, report.dmz)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, scratch = tempfile.mkstemp(prefix=f".{report.dmz}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w") as out:
+                json.dump(data, out, indent=1)
+                out.write("\n")
+            os.chmod(scratch, 0o644)
+            os.replace(scratch, path)
+        finally:
+            Path(scratch).unlink(missing_ok=True)
+    except OSError as error:
+        raise HostError(f"cannot record verify's results in {path}: {error.strerror or error}") from None
+    return path
+
+
+def read_record(state_dir: Path, dmz_name: str) -> Optional[dict]:
+    """The last recorded run of verify for a DMZ; None when there is none (or it cannot be read)."""
+    try:
+        data = json.loads(record_path(state_dir, dmz_name).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
