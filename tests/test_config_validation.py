@@ -195,7 +195,7 @@ CASES = [
          "mode 'isolated' forwards nothing out of the DMZ, so this hole cannot work", count=4),
     case("isolated-allow-hole", [S("dmz.mode", "isolated"), D("dmz.dns")], "dmz.allow[1]",
          "use mode 'route' or 'nat'", count=3),
-    case("egress-choice", [S("dmz.egress", "some")], "dmz.egress", "must be one of any, none; got 'some'"),
+    case("egress-choice", [S("dmz.egress", "some")], "dmz.egress", "must be one of any, none, allowlist; got 'some'"),
     case("proto-choice", [S("dmz.allow[0].proto", "tpc")], "dmz.allow[1].proto",
          "must be one of tcp, udp, icmp, icmpv6, sctp; got 'tpc'"),
     case("boot-choice", [S("vm[0].boot", "net")], "vm[web].boot", "must be one of hd, cdrom, kernel; got 'net'"),

@@ -270,7 +270,7 @@ def _chains(commands):
 def test_explain_walks_the_rendered_chains_in_their_order(config):
     chains = _chains(render_table(load(config)))
     for chain, order in ORDER.items():
-        kinds = chains[chain]
+        kinds = chains.get(chain, [])  # to_dmz and dstnat only with publish
         assert all(kind in order for kind in kinds), f"{chain}: a rule explain does not know: {kinds}"
         positions = [order.index(kind) for kind in kinds]
         assert positions == sorted(positions), f"{chain} renders {kinds}; explain assumes {order}"

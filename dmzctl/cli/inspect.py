@@ -84,6 +84,9 @@ def explain(
         "--outside", help="--from is beyond the DMZ (LAN, internet), not a forged source inside it")] = False,
     flood: Annotated[bool, typer.Option(
         "--flood", help="The sending VM is over its caps (max_new_flows, max_flows)")] = False,
+    resolved: Annotated[Optional[list[str]], typer.Option(
+        "--resolved", help="A DNS name the VM looked up through the gateway, whose answer held --to "
+                           "(an egress allowlist by name; repeatable)")] = None,
     host_address: Annotated[Optional[list[str]], typer.Option(
         "--host-address", help="An address of this host besides the gateways (repeatable)")] = None,
     no_read_host: Annotated[bool, typer.Option(
@@ -95,7 +98,7 @@ def explain(
 
     def action():
         dmz = _one_dmz(configs)
-        flow = make_flow(dmz, source, target, proto, icmp_type, outside, flood)
+        flow = make_flow(dmz, source, target, proto, icmp_type, outside, flood, tuple(resolved or ()))
         hosts, bridge_netfilter, blocks = list(host_address or []), None, None
         if not no_read_host:
             from ..host.facts import host_view
@@ -130,6 +133,10 @@ def verify(
         "--address", help="The probe's IPv4 DMZ address (default: a free one atop the non-DHCP half)")] = None,
     address6: Annotated[Optional[str], typer.Option("--address6", help="The probe's IPv6 DMZ address")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for each answer")] = 4.0,
+    from_outside: Annotated[bool, typer.Option(
+        "--from-outside", help="Probe the inbound edge instead: published ports and a sample of unpublished "
+                               "ones, from a namespace outside the DMZ routed by the host (--address/--address6: "
+                               "its source, default 198.18.255.254 / 2001:db8:ffff::fe)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Prove the isolation with real packets from a temporary namespace on the DMZ bridge (exit 0 only
@@ -145,8 +152,15 @@ def verify(
         reports = []
         for dmz in load_configs(configs):
             with dmz_lock(settings.run_dir, dmz.name, say=say):
+                quiet = (lambda m: None) if as_json else say
+                if from_outside:
+                    from ..verify.outside import verify_outside
+
+                    reports.append(verify_outside(dmz, address=address, address6=address6, timeout=timeout,
+                                                  skip=skip or [], say=quiet))
+                    continue
                 reports.append(verify_dmz(dmz, target or [], skip or [], address=address, address6=address6,
-                                          timeout=timeout, say=(lambda m: None) if as_json else say))
+                                          timeout=timeout, say=quiet))
             _keep(reports[-1], settings)
         print_reports(reports, as_json, "".join(format_report(r) for r in reports), ok=all(r.ok for r in reports))
 

@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..errors import ConfigError
 from .checker import Checker, DmzScope
+from .edges import parse_edges
 from .holes import parse_holes
 from .limits import FLOW_CAP_KEYS, parse_flow_caps
 from .model import DMZ, IFNAMSIZ, Hole, IPInterface, IPNetwork, default_bridge
@@ -18,10 +19,11 @@ DMZ_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}\Z")
 BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 RATE_RE = re.compile(r"^([1-9][0-9]*)/(second|minute|hour|day)\Z")
 MODES = ("route", "nat", "isolated")
-EGRESS = ("any", "none")
+EGRESS = ("any", "none", "allowlist")
 DMZ_KEYS = {
     "name", "bridge", "mode", "gateway", "gateway6", "protected", "dns", "dhcp",
     "egress", "isolate_vms", "log_rate", "log_burst", "allow", "block_private_ranges",
+    "publish", "inbound", "lan_inbound", "egress_allow", "dns_forwarders",
 } | FLOW_CAP_KEYS
 
 
@@ -46,6 +48,7 @@ def parse_dmz(data: dict, source: Path = Path("<memory>"), config_hash: str = ""
     holes = parse_holes(check, table, fields["dns"], scope, vms, _declared_names(raw_vms))
     if fields["mode"] == "isolated":
         _refuse_holes(check, holes)
+    fields.update(parse_edges(check, table, scope, vms, _declared_names(raw_vms), fields["mode"], fields["egress"]))
     if check.problems:
         raise ConfigError(check.problems)
     return DMZ(**fields, holes=tuple(holes), vms=tuple(vms), source=source, config_hash=config_hash)

@@ -41,6 +41,37 @@ class Hole:
 
 
 @dataclass(frozen=True)
+class Publish:
+    """One service of a VM opened to the outside ([[dmz.publish]])."""
+
+    to: str  # the VM
+    proto: str  # tcp | udp
+    ports: tuple[int, int]  # inclusive range on the VM
+    listen: Optional[Union[str, ipaddress.IPv4Address]] = None  # None, "host" or a host address (DNAT, IPv4)
+    listen_port: Optional[int] = None  # the first port on `listen`; None: the VM's ports
+    sources: tuple[IPNetwork, ...] = ()  # empty: from anywhere
+    origin: str = ""  # "publish[N]"
+
+    @property
+    def listen_ports(self) -> tuple[int, int]:
+        if self.listen_port is None:
+            return self.ports
+        return (self.listen_port, self.listen_port + self.ports[1] - self.ports[0])
+
+
+@dataclass(frozen=True)
+class EgressAllow:
+    """One destination beyond the host a DMZ may reach with egress = "allowlist" ([[dmz.egress_allow]])."""
+
+    proto: str  # tcp | udp
+    ports: Optional[tuple[int, int]] = None  # a list of ranges is split into one entry per range; None: any
+    to_net: Optional[IPNetwork] = None  # a prefix or an address ...
+    to_name: Optional[str] = None  # ... or a DNS name, followed through the gateway's dnsmasq
+    source_vm: Optional[str] = None  # `from`: one VM
+    origin: str = ""  # "egress_allow[N]"
+
+
+@dataclass(frozen=True)
 class Image:
     """One file of a disk's chain and its format, as the config says: never read from the file,
     which the guest may have written (CVE-2010-2237/2238/2239)."""
@@ -166,6 +197,11 @@ class DMZ:
     source: Path = field(default=Path("<memory>"), compare=False)
     config_hash: str = ""
     flow_caps: FlowCaps = FlowCaps()  # every VM's, unless the VM has its own
+    publish: tuple[Publish, ...] = ()
+    egress_allow: tuple[EgressAllow, ...] = ()  # with egress = "allowlist"
+    inbound: str = "any"  # "published" | "any"; parse_dmz defaults it to "published" when publish exists
+    lan_inbound: bool = True  # with inbound = "published": the protected subnets still reach every port
+    dns_forwarders: tuple[IPAddress, ...] = ()  # the gateway's dnsmasq asks these (default: the host's)
 
     def caps_of(self, vm: VM) -> FlowCaps:
         return vm.flow_caps or self.flow_caps
@@ -185,6 +221,10 @@ class DMZ:
     @property
     def protected6(self) -> tuple[ipaddress.IPv6Network, ...]:
         return tuple(n for n in self.protected if n.version == 6)
+
+    @property
+    def egress_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(e.to_name for e in self.egress_allow if e.to_name))
 
     def vm(self, name: str) -> VM:
         for vm in self.vms:

@@ -33,6 +33,7 @@ into the DMZ. explain says so when it changes the answer.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import Iterable, Optional, Union
 
@@ -43,6 +44,7 @@ from ..render.nft import log_prefix
 from .flow import (PORT_PROTOS, PROTO_NAMES, PROTO_NUMBERS, Decision, ExplainError, Flow,  # noqa: F401
                    format_decision, make_flow, parse_proto, parse_target)
 from .order import ORDER, rule_kind  # noqa: F401
+from .edges import egress_end, from_outside, hairpin
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -241,6 +243,14 @@ def explain(dmz: DMZ, flow: Flow, host_addresses: Iterable = (),
     hosts = host_address_set(dmz, host_addresses)
     if not flow.from_dmz:
         return _from_outside(dmz, flow, hosts)
+    translated = hairpin(dmz, flow, hosts)
+    if translated is not None and translated[0].dst == flow.src:
+        return Decision(False, "layer2", "the DMZ bridge (no hairpin)", None, None,
+                        f"{translated[1]}; but that is the sender itself, and the bridge never sends a frame back "
+                        f"out of the port it came in on: a VM reaches its own service by its own address")
+    if translated is not None:
+        decision = _forward(dmz, translated[0], blocks)
+        return dataclasses.replace(decision, trace=(translated[1],) + decision.trace)
     if _is_host_destination(dmz, flow.dst, hosts):
         return _to_host(dmz, flow)
     if _in_dmz_subnet(dmz, flow.dst) and not flow.via_host:
@@ -251,6 +261,9 @@ def explain(dmz: DMZ, flow: Flow, host_addresses: Iterable = (),
 def _from_outside(dmz: DMZ, flow: Flow, hosts: frozenset) -> Decision:
     trace = ("forward 1 established/related: not applicable (a new flow)",
              f"forward 2 does not enter from the DMZ bridge {dmz.bridge}: the chain's policy accepts")
+    decision = from_outside(dmz, flow, hosts, [trace[0], f"forward 2 does not enter from the DMZ bridge {dmz.bridge}"])
+    if decision is not None:
+        return decision
     if _in_dmz_subnet(dmz, flow.dst):
         if dmz.mode == "nat":
             return Decision(False, "libvirt-nat", "libvirt NAT network", None, "forward",
@@ -298,14 +311,7 @@ def _forward(dmz: DMZ, flow: Flow, blocks: tuple[Blocked, ...], walk: Optional[_
                            f"{flow.dst} is in {block.net}: {block.reason}, blocked without being listed "
                            f"(a [[dmz.allow]] hole opens it)", log_reason=LOG_REASONS[block.kind])
     walk.trace.append(f"from_dmz 8 {flow.dst} in no implicit block (other DMZs, host subnets, private ranges)")
-    if dmz.egress == "none":
-        walk.trace.append('from_dmz 9 egress = "none": jump egress')
-        return walk.decide(False, "egress", "egress none", "egress",
-                           'egress = "none": the DMZ reaches nothing beyond its holes', log_reason="egress")
-    walk.trace.append('from_dmz 9 egress = "any": end of chain, policy accept')
-    decision = walk.decide(True, "egress-any", "forward policy accept", "from_dmz",
-                           'not protected, not the host, not implicitly blocked, and egress = "any"')
-    return _after_libvirt(dmz, flow, decision)
+    return _after_libvirt(dmz, flow, egress_end(walk, dmz, flow))
 
 
 def _after_libvirt(dmz: DMZ, flow: Flow, decision: Decision) -> Decision:

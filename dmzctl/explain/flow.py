@@ -44,6 +44,7 @@ class Flow:
     from_dmz: bool = True
     via_host: bool = False
     flood: bool = False
+    learned: tuple[str, ...] = ()  # DNS names the VM looked up through the gateway whose answer held dst
 
     @property
     def family(self) -> int:
@@ -59,7 +60,8 @@ class Flow:
         proto = self.proto
         if self.icmp_type is not None:
             proto += f" type {self.icmp_type}"
-        return f"{source} -> {target} {proto}" + (" (while flooding)" if self.flood else "")
+        learned = f" (learned from {', '.join(self.learned)})" if self.learned else ""
+        return f"{source} -> {target} {proto}" + (" (while flooding)" if self.flood else "") + learned
 
 
 # --- reading a flow from the command line -----------------------------------
@@ -101,7 +103,8 @@ def parse_target(text: str) -> tuple[IPAddress, Optional[int]]:
 
 
 def make_flow(dmz: DMZ, source: str, target: str, proto: Optional[str] = None,
-              icmp_type: Optional[int] = None, outside: bool = False, flood: bool = False) -> Flow:
+              icmp_type: Optional[int] = None, outside: bool = False, flood: bool = False,
+              resolved: tuple[str, ...] = ()) -> Flow:
     """The flow `--from SOURCE --to TARGET --proto P` describes.
 
     SOURCE is a VM of the DMZ or an address. An address outside the DMZ subnet is
@@ -133,7 +136,8 @@ def make_flow(dmz: DMZ, source: str, target: str, proto: Optional[str] = None,
         src = vm.ip if dst.version == 4 else vm.ip6
         if src is None and dst.version == 6 and dmz.gateway6 is None:
             raise ExplainError(f"DMZ {dmz.name} has no IPv6; {source} cannot send to {dst}")
-        return Flow(dst=dst, proto=name, src=src, port=port, icmp_type=icmp_type, vm=source, flood=flood)
+        return Flow(dst=dst, proto=name, src=src, port=port, icmp_type=icmp_type, vm=source, flood=flood,
+                    learned=tuple(n.lower().rstrip(".") for n in resolved))
     try:
         src = ipaddress.ip_address(source.strip())
     except ValueError:
@@ -142,7 +146,8 @@ def make_flow(dmz: DMZ, source: str, target: str, proto: Optional[str] = None,
                            f"nor an address") from None
     if src.version != dst.version:
         raise ExplainError(f"--from {src} and --to {dst} are of different IP versions")
-    return Flow(dst=dst, proto=name, src=src, port=port, icmp_type=icmp_type, from_dmz=not outside, flood=flood)
+    return Flow(dst=dst, proto=name, src=src, port=port, icmp_type=icmp_type, from_dmz=not outside, flood=flood,
+                learned=tuple(n.lower().rstrip(".") for n in resolved))
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ from ..implicit import SET_NAMES
 # The kinds of rule in each chain, in the order render/nft.py emits them; explain walks them in this
 # order, and tests/test_explain.py checks it against every rendered table.
 ORDER = {
-    "forward": ("established", "from-dmz"),
+    "forward": ("established", "from-dmz", "to-dmz"),
     "input": ("established", "host-multicast", "from-dmz"),
     "from_dmz": ("caps", "within-dmz", "vm-to-vm", "spoofed", "hole", "protected", "other-dmz", "host-net",
-                 "private", "egress"),
+                 "private", "dns-elsewhere", "egress-allow", "egress-name", "egress"),
+    "to_dmz": ("lan-inbound", "published", "published-from", "inbound"),
+    "dstnat": ("dnat",),
     "to_host": ("caps", "spoofed", "hole", "dhcp", "dns", "dns6", "nd", "host"),
     "caps": ("own-caps", "new-flows", "flows"),
 }
@@ -31,6 +33,9 @@ def rule_kind(comment: str) -> str:
     }
     if comment.startswith("hole "):
         return "hole"
+    edges = _edge_kind(comment)
+    if edges is not None:
+        return edges
     for kind in SET_NAMES:
         if comment in (f"to {kind} IPv4", f"to {kind} IPv6"):
             return kind
@@ -39,3 +44,17 @@ def rule_kind(comment: str) -> str:
     if comment.startswith("flows over ") and comment.endswith("max_flows"):
         return "flows"
     return fixed.get(comment, f"unknown: {comment}")
+
+
+def _edge_kind(comment: str):
+    """The kinds of render/nft_edges.py's rules."""
+    prefixes = (("into the DMZ", "to-dmz"), ("from protected IPv", "lan-inbound"), ("published IPv", "published"),
+                ("not published", "inbound"), ("DNS to anywhere but the gateway", "dns-elsewhere"),
+                ("egress allowlist IPv", "egress-allow"), ("egress to ", "egress-name"),
+                ("egress allowlist: anything else", "egress"))
+    for prefix, kind in prefixes:
+        if comment.startswith(prefix):
+            return kind
+    if comment.startswith("publish["):
+        return "dnat" if " from " in comment else "published-from"
+    return None

@@ -261,3 +261,40 @@ class ProbeNamespace:
                 subprocess.run(["ip", "link", "del", self.veth], capture_output=True, timeout=15)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+class OutsideNamespace(ProbeNamespace):
+    """A namespace standing outside every DMZ (where the internet or the LAN stands), joined to the host
+    by a veth pair and routed by it: `verify --from-outside`. No subnet is added to the host (its end
+    has only the link-local 169.254.253.1/32 and fe80::1), so no DMZ's implicit blocks change; the host
+    routes the namespace's one address per family to the veth. Removed on exit, whatever happens."""
+
+    HOST4, HOST6 = "169.254.253.1", "fe80::1"
+
+    def __init__(self, src4, src6=None, name: Optional[str] = None):
+        tag = f"{os.getpid()}"[-7:]
+        super().__init__("", src4, 32, self.HOST4, src6, 128, self.HOST6, name=name or f"dmzo-{tag}")
+        self.veth = f"dmzo{tag}h"
+
+    def _create(self) -> None:
+        _ip("netns", "add", self.name)
+        _ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.name)
+        _ip("addr", "add", f"{self.HOST4}/32", "dev", self.veth)
+        _ip("-6", "addr", "add", f"{self.HOST6}/64", "dev", self.veth, "nodad")
+        _ip("link", "set", self.veth, "up")
+        for key, value in VM_LIKE_SYSCTLS:
+            self.run(["sysctl", "-q", "-w", f"{key}={value}"], check=False)
+        ns = ("-n", self.name)
+        _ip(*ns, "link", "set", "lo", "up")
+        _ip(*ns, "addr", "add", f"{self.src4}/32", "dev", "eth0")
+        if self.src6 is not None:
+            _ip(*ns, "-6", "addr", "add", f"{self.src6}/128", "dev", "eth0", "nodad")
+        _ip(*ns, "link", "set", "eth0", "up")
+        _ip(*ns, "route", "add", "default", "via", self.HOST4, "dev", "eth0", "onlink")
+        _ip("route", "replace", f"{self.src4}/32", "dev", self.veth)
+        if self.src6 is not None:
+            _ip(*ns, "-6", "route", "add", "default", "via", self.HOST6, "dev", "eth0")
+            _ip("-6", "route", "replace", f"{self.src6}/128", "dev", self.veth)
+
+    def wait_forwarding(self, limit: Optional[float] = None) -> None:
+        """No bridge: the veth forwards as soon as it is up."""

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from ..errors import FirewallError, HostError
 from ..render.nft import FAMILY
+from ..render.nft_edges import is_name_set
 
 
 def _binding():
@@ -87,8 +88,11 @@ def canonical(listing: Optional[dict]) -> Any:
 
 
 def _dynamic_sets(listing: dict) -> set:
-    """Names of the sets that rules add to or update from the packet path (`add @s {...}`)."""
-    names = set()
+    """Names of the sets that rules add to or update from the packet path (`add @s {...}`), and
+    those the gateway's dnsmasq fills from its answers (an egress allowlist's names)."""
+    names = {item["set"]["name"] for item in listing.get("nftables", [])
+             if isinstance(item, dict) and isinstance(item.get("set"), dict)
+             and is_name_set(item["set"].get("name", ""))}
     for item in listing.get("nftables", []):
         rule = item.get("rule") if isinstance(item, dict) else None
         for expr in (rule or {}).get("expr", []):

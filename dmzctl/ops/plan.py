@@ -19,6 +19,7 @@ from ..host import nft
 from ..host.virt import Virt
 from ..render.base import to_string
 from ..render.nft import FAMILY, apply_batch
+from ..render.nft_edges import is_name_set
 from ..settings import Settings
 from ..state import Difference
 from ..xmlcompare import xml_diff
@@ -174,7 +175,7 @@ def _normal_text(text: str) -> list[str]:
     for line in text.splitlines():
         words = line.split()
         if words[:1] in (["set"], ["chain"]):
-            in_dynamic = False
+            in_dynamic = words[:1] == ["set"] and len(words) > 1 and is_name_set(words[1])
         elif words[:1] == ["flags"] and "dynamic" in words[1].split(","):
             in_dynamic = True
         elif in_dynamic and words[:2] == ["elements", "="]:

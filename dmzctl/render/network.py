@@ -63,4 +63,56 @@ def render_network(dmz: DMZ, base: Optional[etree._Element] = None) -> etree._El
         # Router advertisements from libvirt's dnsmasq give VMs SLAAC addresses
         # and the default route; static ip6 VMs configure themselves.
         sub(net, "ip", family="ipv6", address=str(dmz.gateway6.ip), prefix=str(dmz.gateway6.network.prefixlen))
+    dns_for_egress(net, dmz)
     return net
+
+
+DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"
+OWNED_OPTIONS = ("nftset=", "cache-size=")  # the dnsmasq options dmzctl writes (and replaces)
+
+
+def nftset_options(dmz: DMZ) -> list[str]:
+    """dnsmasq's `nftset=` lines: each allowlisted name's answers go to the sets of its groups
+    (render/nft_edges.py), IPv4 and IPv6, in the DMZ's own table."""
+    from .nft_edges import name_groups, name_set
+    from .nftexpr import FAMILY, table_name
+
+    sets: dict[str, list[str]] = {}
+    for index, (_key, names) in enumerate(name_groups(dmz), 1):
+        for name in names:
+            sets.setdefault(name, []).extend(f"{v}#{FAMILY}#{table_name(dmz)}#{name_set(index, v)}" for v in (4, 6))
+    return [f"nftset=/{name}/{','.join(targets)}" for name, targets in sets.items()]
+
+
+def dns_for_egress(net: etree._Element, dmz: DMZ) -> None:
+    """The DNS forwarders (<dns><forwarder/>) and, for an egress allowlist with names, the dnsmasq
+    options (libvirt's dnsmasq XML namespace) that fill the table's sets from the answers. What a base
+    document says besides (its own <dns> settings, its own dnsmasq options) is kept."""
+    dns = net.find("dns")
+    if dmz.dns_forwarders:
+        if dns is None:
+            dns = etree.Element("dns")
+            net.find("ip").addprevious(dns)
+        for old in dns.findall("forwarder"):
+            dns.remove(old)
+        for address in dmz.dns_forwarders:
+            sub(dns, "forwarder", addr=str(address))
+    holder = net.find(f"{{{DNSMASQ_NS}}}options")
+    if holder is not None:
+        for old in holder.findall(f"{{{DNSMASQ_NS}}}option"):
+            if old.get("value", "").startswith(OWNED_OPTIONS):
+                holder.remove(old)
+    options = nftset_options(dmz)
+    if options:
+        # No cache: an answer dnsmasq gives from its cache adds nothing to the sets, and the sets
+        # are emptied whenever the table is replaced; every answer then comes through them.
+        options.insert(0, "cache-size=0")
+        if holder is None:
+            holder = etree.SubElement(net, f"{{{DNSMASQ_NS}}}options", nsmap={"dnsmasq": DNSMASQ_NS})
+        for value in options:
+            etree.SubElement(holder, f"{{{DNSMASQ_NS}}}option", value=value)
+    if holder is not None and len(holder) == 0:
+        net.remove(holder)
+    # Declared on <network>, where libvirt writes it back: the live document then reads as rendered.
+    if net.find(f"{{{DNSMASQ_NS}}}options") is not None:
+        etree.cleanup_namespaces(net, top_nsmap={"dnsmasq": DNSMASQ_NS})

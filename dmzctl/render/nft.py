@@ -48,70 +48,14 @@ import ipaddress
 from typing import Any, Optional
 
 from ..config import DMZ, FlowCaps, Hole
+from .nftexpr import (FAMILY, HOOK_PRIORITY, _addr, _anon_set, _chain, _counter, _ipfamily,  # noqa: F401
+                      _log_drop_chain, _match, _meta, _payload, _ports, _rate, _rule, _set, _verdict, log_prefix,
+                      table_name)
+from .nft_edges import edge_commands, egress_rules
 from ..implicit import CLASSES, LOG_REASONS, SET_NAMES, Blocked, HostView, blocks_for, set_elements
-
-FAMILY = "inet"
-HOOK_PRIORITY = -10  # before the iptables-nft tables libvirt fills (priority 0): we log first
 
 Expr = dict[str, Any]
 Command = dict[str, Any]
-
-
-def table_name(dmz: DMZ) -> str:
-    return f"dmzctl-{dmz.name}"
-
-
-def log_prefix(dmz: DMZ, reason: str) -> str:
-    return f"dmzctl {dmz.name} {reason}: "
-
-
-# --- expression fragments (firewalld's _fragment style) ---------------------
-
-def _match(left: Expr, right: Any, op: str = "==") -> Expr:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _meta(key: str) -> Expr:
-    return {"meta": {"key": key}}
-
-
-def _payload(protocol: str, field: str) -> Expr:
-    return {"payload": {"protocol": protocol, "field": field}}
-
-
-def _addr(net) -> Any:
-    """A host address as a plain string, a prefix as a prefix expression."""
-    if net.prefixlen == net.max_prefixlen:
-        return str(net.network_address)
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
-
-
-def _anon_set(nets) -> Any:
-    items = [_addr(n) for n in nets]
-    return items[0] if len(items) == 1 else {"set": items}
-
-
-def _ports(ports: tuple[int, int]) -> Any:
-    return ports[0] if ports[0] == ports[1] else {"range": [ports[0], ports[1]]}
-
-
-def _ipfamily(version: int) -> str:
-    return "ip" if version == 4 else "ip6"
-
-
-def _verdict(name: str, target: Optional[str] = None) -> Expr:
-    if target is not None:
-        return {name: {"target": target}}
-    return {name: None}
-
-
-def _counter() -> Expr:
-    return {"counter": None}
-
-
-def _rule(dmz: DMZ, chain: str, exprs: list[Expr], comment: str) -> Command:
-    return {"add": {"rule": {"family": FAMILY, "table": table_name(dmz), "chain": chain,
-                             "expr": exprs, "comment": comment}}}
 
 
 def _hole_exprs(dmz: DMZ, hole: Hole) -> list[Expr]:
@@ -127,38 +71,6 @@ def _hole_exprs(dmz: DMZ, hole: Hole) -> list[Expr]:
     if hole.ports is not None:
         exprs.append(_match(_payload("th", "dport"), _ports(hole.ports)))
     return exprs
-
-
-def _rate(dmz: DMZ) -> Expr:
-    number, per = dmz.log_rate.split("/")
-    return {"limit": {"rate": int(number), "per": per, "burst": dmz.log_burst, "burst_unit": "packets"}}
-
-
-def _log_drop_chain(dmz: DMZ, chain: str, reason: str) -> list[Command]:
-    # The limit comes before the log: a limit after it limits nothing (openwrt packages#29255).
-    return [
-        _chain(dmz, chain),
-        _rule(dmz, chain, [_rate(dmz), {"log": {"prefix": log_prefix(dmz, reason), "level": "warn"}}],
-              f"log {reason}, rate-limited"),
-        _rule(dmz, chain, [_counter(), _verdict("drop")], f"drop {reason}"),
-    ]
-
-
-def _chain(dmz: DMZ, name: str, hook: Optional[str] = None) -> Command:
-    chain: dict[str, Any] = {"family": FAMILY, "table": table_name(dmz), "name": name}
-    if hook is not None:
-        chain.update({"type": "filter", "hook": hook, "prio": HOOK_PRIORITY, "policy": "accept"})
-    return {"add": {"chain": chain}}
-
-
-def _set(dmz: DMZ, name: str, nets, version: int) -> list[Command]:
-    spec = {"family": FAMILY, "table": table_name(dmz), "name": name,
-            "type": "ipv4_addr" if version == 4 else "ipv6_addr", "flags": ["interval"]}
-    commands: list[Command] = [{"add": {"set": spec}}]
-    if nets:
-        commands.append({"add": {"element": {"family": FAMILY, "table": table_name(dmz), "name": name,
-                                             "elem": [_addr(n) for n in nets]}}})
-    return commands
 
 
 def _source_checks(dmz: DMZ, chain: str, allow_unspecified: bool) -> list[Command]:
@@ -283,16 +195,15 @@ def render_table(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> list
     log_drop_chains += [(SET_NAMES[kind], LOG_REASONS[kind]) for kind in CLASSES]
     if dmz.isolate_vms:
         log_drop_chains.append(("vm_to_vm", "vm-to-vm"))
-    if dmz.egress == "none":
-        log_drop_chains.append(("egress", "egress"))
     for chain, reason in log_drop_chains:
         commands += _log_drop_chain(dmz, chain, reason)
-    commands += _flow_caps(dmz)
+    commands += edge_commands(dmz, "sets") + _flow_caps(dmz)
 
     # forward: the DMZ towards everything routed through the host.
     commands += [_chain(dmz, "forward", "forward"), _chain(dmz, "from_dmz")]
     commands.append(_rule(dmz, "forward", [established, _verdict("accept")], "replies to allowed flows"))
     commands.append(_rule(dmz, "forward", [from_bridge, _verdict("jump", "from_dmz")], "from the DMZ"))
+    commands += edge_commands(dmz, "forward")
     commands.append(_caps_jump(dmz, "from_dmz"))
     # Next: with br_netfilter the forward hook also sees frames switched between
     # VMs (IPv6 link-local included), which neither spoofing nor egress concerns.
@@ -311,8 +222,7 @@ def render_table(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> list
     commands.append(_rule(dmz, "from_dmz", [_match(_payload("ip6", "daddr"), "@protected6"),
                                             _verdict("jump", "protected")], "to protected IPv6"))
     commands += _implicit_rules(dmz, "from_dmz")
-    if dmz.egress == "none":
-        commands.append(_rule(dmz, "from_dmz", [_verdict("jump", "egress")], "egress none"))
+    commands += egress_rules(dmz)
 
     # input: the DMZ towards the host itself, whatever address it is sent to.
     commands += [_chain(dmz, "input", "input"), _chain(dmz, "to_host")]
@@ -355,7 +265,7 @@ def render_table(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> list
             _match(_payload("ip6", "hoplimit"), 255),
             _verdict("accept")], "IPv6 neighbour discovery"))
     commands.append(_rule(dmz, "to_host", [_verdict("jump", "host")], "everything else to the host"))
-    return commands
+    return commands + edge_commands(dmz, "nat")
 
 
 def apply_batch(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> dict:

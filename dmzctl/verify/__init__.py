@@ -169,7 +169,22 @@ def _probe_addresses(dmz, address, address6) -> tuple:
     return address, address6
 
 
-def _observe(dmz, probes: list[Probe], address, address6, timeout: float, say: Callable[[str], None]) -> None:
+def _resolve_names(dmz, ns, report: Report, address6, timeout: float, planned) -> None:
+    """With an egress allowlist by name: look each name up through the gateway, then plan its rows."""
+    from .names import name_probes, resolve_specs
+
+    if dmz.egress != "allowlist" or not dmz.egress_names:
+        return
+    specs = resolve_specs(dmz, address6 is not None, timeout)
+    answers = run_agent(ns.name, specs, limit=timeout * 2 + 30, owner=ns)
+    before = len(planned.probes)
+    report.notes += name_probes(dmz, answers, specs, lambda kind, dst, proto, port, learned, note: planned.add(
+        kind, dst, proto, port, note=note, learned=learned))
+    report.probes += planned.probes[before:]
+
+
+def _observe(dmz, report: Report, address, address6, timeout: float, say: Callable[[str], None],
+             planned) -> None:
     """Send the probes from a namespace standing where a VM stands; the namespace is gone on return."""
     previous = _handle_signals(_raise_interrupted)
     try:
@@ -181,6 +196,8 @@ def _observe(dmz, probes: list[Probe], address, address6, timeout: float, say: C
             ns.wait_forwarding()
             if address6 is not None and dmz.gateway6 is not None:
                 ns.wait_gateway6(dmz.gateway6.ip)
+            _resolve_names(dmz, ns, report, address6, timeout, planned)
+            probes = report.probes
             specs = [p.spec(str(address) if p.dst.version == 4 else str(address6), timeout) for p in probes]
             say(f"{dmz.name}: sending {len(specs)} probes (timeout {timeout:g} s each, in parallel)")
             results = {r["id"]: r for r in run_agent(ns.name, specs, limit=timeout * 3 + 30, owner=ns)}
@@ -216,12 +233,13 @@ def verify(dmz, targets: Iterable = (), skip: Iterable = (), host_addresses: Opt
     report.src4, report.src6 = str(address), (str(address6) if address6 else None)
 
     parsed_targets = [parse_target(str(target)) for target in targets]
+    plans: list = []
     probes, notes = plan(dmz, address, address6, host_addresses, parsed_targets, bridge_netfilter,
-                         table_now.blocks, skip)
+                         table_now.blocks, skip, plans)
     routes = {dst: route_of(dst) for dst in implicit_destinations(probes)}
     probes, beyond = stay_on_this_host(probes, routes)
     report.probes, report.notes = probes, notes + beyond
-    _observe(dmz, probes, address, address6, timeout, say)
+    _observe(dmz, report, address, address6, timeout, say, plans[0])
     after = _table_state(dmz)
     if before is not None and after != before:
         report.problems.append(f"firewall table inet dmzctl-{dmz.name} "

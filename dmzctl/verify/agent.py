@@ -300,7 +300,39 @@ def probe_sctp(spec: dict) -> dict:
     return probe_raw(dict(spec, ipproto=132))
 
 
-PROBES = {"tcp": probe_tcp, "udp": probe_udp, "icmp": probe_icmp, "icmpv6": probe_icmp,
+def _skip_name(data: bytes, offset: int) -> int:
+    while data[offset]:
+        if data[offset] & 0xC0 == 0xC0:
+            return offset + 2
+        offset += data[offset] + 1
+    return offset + 1
+
+
+def resolve(spec: dict) -> dict:
+    """A DNS query for spec["name"] (A, or AAAA with qtype 28) to spec["dst"]: the addresses answered."""
+    began = time.monotonic()
+    qid = random.randrange(65536)
+    question = b"".join(bytes([len(label)]) + label.encode() for label in spec["name"].split(".")) + b"\0"
+    query = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + question + struct.pack("!HH", spec["qtype"], 1)
+    with socket.socket(_family(spec["dst"]), socket.SOCK_DGRAM) as sock:
+        sock.settimeout(spec["timeout"])
+        sock.sendto(query, _sockaddr(spec["dst"], 53))
+        try:
+            data = sock.recv(4096)
+        except OSError:
+            return dict(_result(spec, "timeout", "no answer", began), addresses=[])
+    count, offset, found = struct.unpack("!H", data[6:8])[0], _skip_name(data, 12) + 4, []
+    for _ in range(count):
+        offset = _skip_name(data, offset)
+        rtype, _cls, _ttl, length = struct.unpack("!HHIH", data[offset:offset + 10])
+        rdata = data[offset + 10:offset + 10 + length]
+        if rtype in (1, 28):
+            found.append(socket.inet_ntop(socket.AF_INET if rtype == 1 else socket.AF_INET6, rdata))
+        offset += 10 + length
+    return dict(_result(spec, "reply", f"{len(found)} address(es)", began), addresses=found)
+
+
+PROBES = {"resolve": resolve, "tcp": probe_tcp, "udp": probe_udp, "icmp": probe_icmp, "icmpv6": probe_icmp,
           "sctp": probe_sctp, "raw": probe_raw}
 
 

@@ -116,7 +116,7 @@ class _Plan:
         self.notes: list[str] = []
         self._seen: set = set()
 
-    def add(self, kind, dst, proto, port=None, icmp_type=None, note="") -> None:
+    def add(self, kind, dst, proto, port=None, icmp_type=None, note="", learned=()) -> None:
         """One probe, unless the same one is planned already: a target never merges with another kind's
         probe (each target has rows of its own), the other kinds merge among themselves."""
         from ..explain import Flow, explain
@@ -131,7 +131,7 @@ class _Plan:
         if key in self._seen:
             return
         self._seen.add(key)
-        flow = Flow(dst=dst, proto=proto, src=src, port=port, icmp_type=icmp_type)
+        flow = Flow(dst=dst, proto=proto, src=src, port=port, icmp_type=icmp_type, learned=tuple(learned))
         decision = explain(self.dmz, flow, self.hosts, self.bridge_netfilter, self.blocks)
         self.probes.append(Probe(id=f"p{len(self.probes) + 1}", kind=kind, dst=dst, proto=proto, port=port,
                                  icmp_type=icmp_type, note=note, expected=decision))
@@ -196,7 +196,7 @@ def _targets(planned: _Plan, targets: Iterable) -> None:
 
 def plan(dmz, src4, src6, host_addresses: Iterable = (), targets: Iterable = (),
          bridge_netfilter: Optional[bool] = None, blocks=None,
-         skip: Iterable = ()) -> tuple[list[Probe], list[str]]:
+         skip: Iterable = (), plans: Optional[list] = None) -> tuple[list[Probe], list[str]]:
     """The probes for one DMZ from (src4, src6), each with the policy's expected decision.
 
     targets: (address, port or None) pairs. blocks: the implicit blocks the table holds
@@ -209,6 +209,8 @@ def plan(dmz, src4, src6, host_addresses: Iterable = (), targets: Iterable = (),
     if blocks is None:
         blocks = blocks_for(dmz, HostView())
     planned = _Plan(dmz, src4, src6, host_address_set(dmz, host_addresses), bridge_netfilter, blocks, skip)
+    if plans is not None:
+        plans.append(planned)  # verify adds the rows of names once the gateway has answered
     if src6 is None and (dmz.protected6 or any(h.family == 6 for h in dmz.holes)):
         planned.notes.append("IPv6 not probed: the DMZ has no IPv6 (dmz.gateway6), so every IPv6 packet from "
                              "it is dropped as spoofed")
