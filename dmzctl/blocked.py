@@ -53,7 +53,8 @@ class Group:
     sources: set = field(default_factory=set)
 
     def to_dict(self) -> dict:
-        return {"dmz": self.dmz, "vm": self.vm, "source": self.src, "destination": self.dst, "proto": self.proto,
+        return {"dmz": self.dmz, "vm": self.vm, "source": self.src, "sources": sorted(self.sources),
+                "destination": self.dst, "proto": self.proto,
                 "port": self.port, "reason": self.reason, "count": self.count,
                 "first": _iso(self.first), "last": _iso(self.last)}
 
@@ -122,8 +123,8 @@ def attempts(lines: Iterable[tuple[float, str]], dmzs: list[DMZ], since: Optiona
 
 
 def group(found: Iterable[Attempt]) -> list[Group]:
-    """By DMZ, sender (VM, or source address when no VM is known), destination, protocol/port and
-    reason; newest first."""
+    """By DMZ, sender (the VM, whatever source address it forged; the source address when no VM is
+    known), destination, protocol/port and reason; newest first."""
     groups: dict[tuple, Group] = {}
     for a in found:
         key = (a.dmz, a.vm or a.src, a.dst, a.proto, a.port, a.reason)
@@ -164,7 +165,7 @@ def format_groups(groups: list[Group], scope: str) -> str:
         return f"no blocked attempts logged ({scope})\n"
     rows = [("LAST (UTC)", "COUNT", "DMZ", "VM (SOURCE)", "DESTINATION", "REASON")]
     for g in groups:
-        who = f"{g.vm} ({g.src})" if g.vm else f"? ({g.src})"
+        who = f"{g.vm or '?'} ({', '.join(sorted(g.sources))})"
         rows.append((_iso(g.last).replace("+00:00", ""), str(g.count), g.dmz, who, _target(g), g.reason))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -114,6 +114,16 @@ class Site:
         spec = {"id": "warm", "proto": "udp", "dst": LAN_DNS, "port": 53, "timeout": 0.5, "src": VM_IP}
         assert netns.wait_until(lambda: self.probe([spec])[0]["observed"] != "timeout", 20, 0.2), \
             "the DMZ never reached its hole"
+        # IPv6: the gateway's address is tentative (DAD) until shortly after the first port comes up,
+        # and nothing on the way answers a probe: wait until the VM's namespace knows its gateway.
+        spec6 = {"id": "warm6", "proto": "udp", "dst": "fdd0:225::1", "port": 9, "timeout": 0.3}
+
+        def gateway6_known() -> bool:
+            self.probe([spec6])
+            out = ip("-n", self.vm.netns, "-6", "neigh", "show", "fdd0:225::1", check=False).stdout
+            return any(state in out for state in ("REACHABLE", "STALE", "DELAY", "PROBE"))
+
+        assert netns.wait_until(gateway6_known, 20, 0.2), "the DMZ's IPv6 gateway never answered"
 
     def probe(self, specs: list[dict]) -> list[dict]:
         return netns.probe(self.vm, specs)
