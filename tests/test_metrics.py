@@ -154,6 +154,33 @@ def test_guard_state_round_trip(tmp_path):
     assert ops_metrics.read_guard(tmp_path / "none") == (GuardInfo(running=False), {})
 
 
+def _promtool() -> str:
+    import shutil
+
+    found = shutil.which("promtool") or (str(ROOT / ".venv" / "bin" / "promtool")
+                                         if (ROOT / ".venv" / "bin" / "promtool").exists() else None)
+    assert found, "promtool is missing: scripts/setup.sh takes it from Debian's prometheus package"
+    return found
+
+
+def test_the_alert_rules_pass_promtool_s_check_and_its_unit_tests():
+    check = subprocess.run([_promtool(), "check", "rules", str(ROOT / "docs" / "alerts.yml")], capture_output=True,
+                           text=True)
+    assert check.returncode == 0 and "SUCCESS" in check.stdout, check.stdout + check.stderr
+    tests = subprocess.run([_promtool(), "test", "rules", str(ROOT / "tests" / "promtool" / "alerts_test.yml")],
+                           capture_output=True, text=True)
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+
+
+def test_the_alert_rules_name_only_metrics_dmzctl_writes():
+    import re
+
+    written = {f.name for f in text_string_to_metric_families(text([DMZMetrics("a")], GuardInfo()))}
+    written |= {name + "_total" for name in written}
+    used = set(re.findall(r"\bdmzctl_[a-z_]+", (ROOT / "docs" / "alerts.yml").read_text()))
+    assert used and used <= written, used - written
+
+
 # --- on the host: real drops move the right counters ----------------------------------
 
 host = pytest.mark.host
