@@ -78,6 +78,23 @@ def test_since_takes_durations_and_iso_times():
     assert "--since yesterday" in caught.value.problems[0]
 
 
+def test_the_journal_is_read_as_json(tmp_path, monkeypatch):
+    """Where journald runs: `journalctl -k -o json`, its realtime stamps and messages (a stand-in
+    journalctl here: this machine has no journal)."""
+    from dmzctl.host import kernlog
+
+    entry = {"__REALTIME_TIMESTAMP": "1700000000123456", "MESSAGE": V4}
+    fake = tmp_path / "journalctl"
+    fake.write_text("#!/bin/sh\necho \"$*\" > " + str(tmp_path / "argv") + "\n"
+                    f"echo '{json.dumps(entry)}'\necho 'not json'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    lines = kernlog.read_journal(since=1700000000.0)
+    assert lines == [(1700000000.123456, V4)]
+    argv = (tmp_path / "argv").read_text()
+    assert argv.startswith("-k -o json") and "--since" in argv
+
+
 # --- on the host ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,15 @@ def test_anything_but_loopback_is_refused_in_one_line(given):
     assert len(caught.value.problems) == 1 and given in caught.value.problems[0]
 
 
+def test_guard_refuses_a_non_loopback_address_in_one_line_and_starts_nothing():
+    result = subprocess.run([sys.executable, "-m", "dmzctl.cli", "guard", "--metrics", "0.0.0.0:9839",
+                             str(ROOT / "examples" / "demo.toml")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "dmzctl: --metrics 0.0.0.0:9839: the guard serves metrics on loopback only (127.0.0.1 or ::1); "
+        "let node_exporter or a reverse proxy expose them"]
+
+
 def test_textfile_is_replaced_atomically(tmp_path):
     """A reader polling the file while it is rewritten sees only whole versions, and nothing else stays."""
     versions = [f"# version {n}\n" + "dmzctl_x 1\n" * 20000 + f"# end {n}\n" for n in range(40)]

@@ -33,10 +33,10 @@ def guard(
     settings = settings_of(ctx, connect)
 
     def action():
+        listen = parse_listen(metrics) if metrics is not None else None
         require_root()
         if interval < 1:
             raise ConfigError(["--interval: must be at least 1 second"])
-        listen = parse_listen(metrics) if metrics is not None else None
         code = Guard(configs, settings, say, interval, use_libvirt=not no_libvirt, metrics=listen).run()
         raise typer.Exit(code=code)
 

@@ -96,9 +96,9 @@ def gather(dmzs: list[DMZ], settings: Settings, restores: Optional[Callable[[], 
         guard, counts = read_guard(settings.run_dir)
     else:
         counts = restores()
+    default = 0 if guard is not None and guard.running else None  # a running guard has restored none yet
     with Virt(settings.uri) as virt:
-        found = [dmz_metrics(virt, dmz, settings, counts.get(dmz.name, 0) if guard and guard.running else
-                             counts.get(dmz.name)) for dmz in dmzs]
+        found = [dmz_metrics(virt, dmz, settings, counts.get(dmz.name, default)) for dmz in dmzs]
     return found, guard
 
 
