@@ -341,16 +341,6 @@ class Guard:
         for name in self.targets:
             self.schedule(name, why)
 
-    def serve_metrics(self):
-        """dmzctl metrics' families on self.metrics, computed per scrape, with the restores in memory."""
-        if self.metrics is None:
-            return None
-        dmzs = lambda: [t.dmz for t in list(self.targets.values()) if t.dmz is not None]  # noqa: E731
-        stop = guard_metrics.serve(self.metrics, lambda: guard_metrics.gather(
-            dmzs(), self.settings, lambda: dict(self.restored), guard_metrics.GuardInfo(running=True)))
-        self.say(f"guard: serving metrics on {guard_metrics.url_of(self.metrics)}")
-        return stop
-
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.hangup)
@@ -359,7 +349,7 @@ class Guard:
             self.view = facts.host_view()
             self.load_targets()
             guard_metrics.record_guard(self.settings.run_dir, {})
-            stop_serving = self.serve_metrics()
+            stop_serving = guard_metrics.serve_guard(self) if self.metrics is not None else None
             if not self.targets:
                 self.say("guard: no DMZ configured yet; watching for configs at each re-check (or SIGHUP)")
             self.start_monitor()

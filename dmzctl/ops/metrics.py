@@ -172,3 +172,15 @@ def serve(listen: tuple[str, int], gather_fn) -> Callable[[], None]:
             server.server_close()
 
     return stop
+
+
+def serve_guard(guard) -> Callable[[], None]:
+    """The running guard's endpoint: its DMZs as it has them now (SIGHUP re-reads them) and its
+    restores in memory, computed on each scrape."""
+    def dmzs() -> list[DMZ]:
+        return [target.dmz for target in list(guard.targets.values()) if target.dmz is not None]
+
+    stop = serve(guard.metrics, lambda: gather(dmzs(), guard.settings, lambda: dict(guard.restored),
+                                               GuardInfo(running=True)))
+    guard.say(f"guard: serving metrics on {url_of(guard.metrics)}")
+    return stop
