@@ -181,6 +181,16 @@ def test_the_alert_rules_pass_promtool_s_check_and_its_unit_tests():
     assert tests.returncode == 0, tests.stdout + tests.stderr
 
 
+def test_the_text_passes_promtool_s_metrics_lint():
+    """Prometheus' own conventions (counter names, units, help texts), judged by promtool."""
+    counters = TableCounters(drops={"to-protected": Count(3, 180)}, holes={"dns": Count(1, 60)},
+                             published={"publish[0]": Count(1, 60)})
+    content = text([DMZMetrics("a", drift={"vm-missing": 1}, counters=counters, verify_ok=True,
+                               verify_timestamp=1.0, guard_restores=0)], GuardInfo(running=True))
+    lint = subprocess.run([_promtool(), "check", "metrics"], input=content, capture_output=True, text=True)
+    assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint.stdout + lint.stderr
+
+
 def test_the_alert_rules_name_only_metrics_dmzctl_writes():
     import re
 
@@ -277,6 +287,9 @@ def test_verify_s_record_and_the_textfile(site, tmp_path):
     mtworld.dmzctl("metrics", str(site.config), "--textfile", str(out), env=env)
     assert [p.name for p in out.iterdir()] == ["dmzctl.prom"]
     found = samples((out / "dmzctl.prom").read_text())
+    lint = subprocess.run([_promtool(), "check", "metrics"], input=(out / "dmzctl.prom").read_text(),
+                          capture_output=True, text=True)
+    assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout + lint.stderr
     assert value(found, "dmzctl_verify_ok", dmz="mt-m") == 0
     assert value(found, "dmzctl_verify_timestamp_seconds", dmz="mt-m") == finished.timestamp()
     assert value(found, "dmzctl_dmz_read_ok", dmz="mt-m") == 1
