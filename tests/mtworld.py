@@ -132,7 +132,11 @@ class Site:
         self.close()
 
     def close(self) -> None:
-        netns.dmz_down(self.dmz)
-        for node in self.nodes:
-            node.destroy()
-        self.nodes = []
+        try:
+            # destroy also refreshes the other DMZs on this machine (their tables and filters): a
+            # failure there (another session's DMZ) must not leave this one's namespaces behind.
+            netns.dmz_down(self.dmz)
+        finally:
+            for node in self.nodes:
+                node.destroy()
+            self.nodes = []
