@@ -68,6 +68,10 @@ def _node(name: str, addresses: list[str], gateways: list[str]) -> Node:
     return node
 
 
+def _network_defined(name: str) -> bool:
+    return netns.run(["virsh", "-q", "-c", "qemu:///system", "net-info", name], check=False).returncode == 0
+
+
 def cleanup_stale() -> None:
     for name in netns.netns_list():
         if name.startswith(PREFIX):
@@ -134,8 +138,11 @@ class Site:
     def close(self) -> None:
         try:
             # destroy also refreshes the other DMZs on this machine (their tables and filters): a
-            # failure there (another session's DMZ) must not leave this one's namespaces behind.
+            # failure there (another session's DMZ) is not this test's, once this DMZ is gone.
             netns.dmz_down(self.dmz)
+        except Exception:
+            if netns.dmz_exists(self.dmz) or _network_defined(self.dmz.name):
+                raise
         finally:
             for node in self.nodes:
                 node.destroy()
