@@ -130,7 +130,8 @@ class Site:
         assert netns.wait_until(gateway6_known, 20, 0.2), "the DMZ's IPv6 gateway never answered"
 
     def probe(self, specs: list[dict]) -> list[dict]:
-        return netns.probe(self.vm, specs)
+        self.probe_results = netns.probe(self.vm, specs)
+        return self.probe_results
 
     def __exit__(self, *_exc) -> None:
         self.close()

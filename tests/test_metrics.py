@@ -247,7 +247,8 @@ def test_real_drops_move_the_right_counters(site, tmp_path):
     ]
     for reason, specs, at_least in steps:
         was, now = _step(site, env, specs)
-        assert _dropped(now, reason) - _dropped(was, reason) >= at_least, reason
+        assert _dropped(now, reason) - _dropped(was, reason) >= at_least, \
+            (reason, _dropped(was, reason), _dropped(now, reason), site.probe_results)
         assert now[("dmzctl_dropped_bytes_total", (("dmz", "mt-m"), ("reason", reason)))] > \
             was.get(("dmzctl_dropped_bytes_total", (("dmz", "mt-m"), ("reason", reason))), 0)
         for other in ("to-protected", "spoofed"):
