@@ -49,6 +49,21 @@ if ! .venv/bin/python -c 'import dmzctl, typer, pytest' 2>/dev/null \
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' >&2
   touch .venv/.dmzctl-installed
 fi
+# promtool judges docs/alerts.yml (tests/test_metrics.py). It comes from Debian's prometheus package,
+# taken out of the .deb rather than installed: installing it would start a Prometheus server (its
+# init script) and pull ~100 MB with a dozen JavaScript packages, for one static binary.
+if [ ! -x .venv/bin/promtool ]; then
+  log "extracting promtool from Debian's prometheus package"
+  scratch=$(mktemp -d)
+  chmod 0755 "$scratch"
+  if ! (cd "$scratch" && apt-get download -q prometheus >&2 2>/dev/null); then
+    apt-get update -q >&2
+    (cd "$scratch" && apt-get download -q prometheus >&2)
+  fi
+  dpkg-deb --fsys-tarfile "$scratch"/prometheus_*.deb | tar -x -C "$scratch" ./usr/bin/promtool
+  install -m 0755 "$scratch/usr/bin/promtool" .venv/bin/promtool
+  rm -rf "$scratch"
+fi
 log "ready: $(virsh -c qemu:///system version --daemon 2>/dev/null | tail -n 2 | head -n 1 | sed 's/^ *//')"
 
 # Boot integration where systemd runs the machine (this sandbox has none: skipped).

@@ -153,4 +153,4 @@ def main() -> None:
     app(prog_name="dmzctl")
 
 
-from . import inspect, lifecycle, report, service  # noqa: E402,F401  registers the commands
+from . import inspect, lifecycle, metrics, report, service  # noqa: E402,F401  registers the commands

@@ -18,6 +18,9 @@ def guard(
     interval: Annotated[float, typer.Option(
         "--interval", help="Seconds between safety re-checks of every DMZ (events act at once)")] = 60.0,
     no_libvirt: Annotated[bool, typer.Option("--no-libvirt", help="Do not listen to libvirt events")] = False,
+    metrics: Annotated[Optional[str], typer.Option(
+        "--metrics", help="Serve dmzctl metrics' Prometheus metrics on this loopback ADDR:PORT (e.g. 127.0.0.1:9839)",
+        metavar="ADDR:PORT")] = None,
     connect: ConnectOpt = None,
 ) -> None:
     """Watch nftables (nft monitor), the host's addresses and libvirt events; restore a DMZ's firewall
@@ -25,14 +28,16 @@ def guard(
     configs."""
     from ..ops.guard import Guard
     from ..ops.common import require_root
+    from ..ops.metrics import parse_listen
 
     settings = settings_of(ctx, connect)
 
     def action():
+        listen = parse_listen(metrics) if metrics is not None else None
         require_root()
         if interval < 1:
             raise ConfigError(["--interval: must be at least 1 second"])
-        code = Guard(configs, settings, say, interval, use_libvirt=not no_libvirt).run()
+        code = Guard(configs, settings, say, interval, use_libvirt=not no_libvirt, metrics=listen).run()
         raise typer.Exit(code=code)
 
     run(action, settings.debug)

@@ -40,6 +40,7 @@ from ..implicit import HostView
 from ..render.nft import FAMILY
 from ..settings import Settings
 from ..state import TableState, table_drift
+from . import metrics as guard_metrics
 from .targets import Target
 
 Say = Callable[[str], None]
@@ -57,7 +58,7 @@ class Pending:
 
 class Guard:
     def __init__(self, paths: Optional[list[Path]], settings: Settings, say: Say, interval: float = 60.0,
-                 use_libvirt: bool = True):
+                 use_libvirt: bool = True, metrics: Optional[tuple[str, int]] = None):
         self.explicit = list(paths) if paths else None
         self.settings = settings
         self.uri = settings.uri
@@ -77,6 +78,8 @@ class Guard:
         self.libvirt: Optional[monitor.LibvirtEvents] = None
         self.next_connect = 0.0
         self.restores = 0
+        self.restored: dict[str, int] = {}  # DMZ name -> restores (the metrics' guard_restores_total)
+        self.metrics = metrics  # (address, port) to serve the metrics on, or None
         self.view = HostView()
         self.addresses: Optional[monitor.LineStream] = None
         self.view_due: Optional[float] = None  # when to read the host view again
@@ -256,6 +259,8 @@ class Guard:
             return
         ms = (time.monotonic() - began) * 1000
         self.restores += 1
+        self.restored[target.dmz.name] = self.restored.get(target.dmz.name, 0) + 1
+        guard_metrics.record_guard(self.settings.run_dir, dict(self.restored))
         message = f"dmz={target.dmz.name} guard restored firewall table {target.table} ({state}; {why}) in {ms:.0f} ms"
         self.say(f"guard: {message}")
         events.record(self.settings.event_log, message)
@@ -339,9 +344,12 @@ class Guard:
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.hangup)
+        stop_serving = None
         try:
             self.view = facts.host_view()
             self.load_targets()
+            guard_metrics.record_guard(self.settings.run_dir, {})
+            stop_serving = guard_metrics.serve_guard(self) if self.metrics is not None else None
             if not self.targets:
                 self.say("guard: no DMZ configured yet; watching for configs at each re-check (or SIGHUP)")
             self.start_monitor()
@@ -370,6 +378,8 @@ class Guard:
             events.record(self.settings.event_log, f"guard stopped (pid {os.getpid()}), {self.restores} restore(s)")
             return 0
         finally:
+            if stop_serving is not None:
+                stop_serving()
             self.stop_monitor()
             self.stop_address_monitor()
             self.drop_libvirt()
