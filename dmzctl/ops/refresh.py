@@ -46,6 +46,10 @@ def refresh_other_tables(dmz: DMZ, outcome: Outcome, settings: Settings, virt: O
                 _refresh_table(other, view, outcome, settings, dmz.name)
         except LockedError:
             continue
+        except DmzctlError as error:
+            # Another DMZ's trouble does not stop this one's run: its table and filters stay as they were
+            # (still blocking what they blocked), and its own check reports them stale.
+            outcome.pending.append(f"DMZ {name}: could not be refreshed: {str(error).splitlines()[0]}")
 
 
 def _refresh_table(other: DMZ, view, outcome: Outcome, settings: Settings, by: str) -> None:
