@@ -154,3 +154,25 @@ def test_live_diagram_reads_the_host():
     result = _dmzctl("diagram", str(ROOT / "examples" / "demo.toml"), "--live")
     assert result.returncode == 0, result.stderr
     assert '"host ' in result.stdout  # the host's name
+
+
+EDGES = ROOT / "tests" / "configs" / "edges.toml"
+
+
+def test_published_services_and_the_egress_allowlist_are_drawn(regenerate):
+    """Issue 12's edges: published services come in from beyond the host, the rest of inbound is
+    blocked; egress reaches only the allowlist (per VM where `from` says so), the rest blocked."""
+    text = dot_of(EDGES)
+    golden = GOLDEN / "edges.dot"
+    if regenerate:
+        golden.write_text(text)
+    assert text == golden.read_text(), "edges.dot differs from golden (run pytest --regenerate, read the diff)"
+    graph = build_graph([load(EDGES)])
+    by_ends = {(e.tail, e.head, e.kind): e.label for e in graph.edges}
+    published = by_ends[("internet", "vm:edges/web", "allowed")]
+    assert "tcp/443 via 203.0.113.5:443" in published and "tcp/80 via every host address:8080" in published
+    assert "tcp/22 from 198.51.100.0/24, 2001:db8:7::/48" in published
+    assert "every other port" in by_ends[("internet", "bridge:edges", "blocked")]
+    assert "deb.debian.org: tcp/80, tcp/443" in by_ends[("bridge:edges", "uplink", "allowed")]
+    assert "relay.example.org: tcp/587" in by_ends[("vm:edges/web", "uplink", "allowed")]  # `from = "web"` only
+    assert "not in the allowlist" in by_ends[("bridge:edges", "uplink", "blocked")]

@@ -151,20 +151,65 @@ def blocked_edges(dmz: DMZ, blocks: tuple[Blocked, ...]) -> list[Edge]:
 
 
 def lan_edges(dmz: DMZ, blocks: tuple[Blocked, ...]) -> list[Edge]:
-    """The LAN opens flows into the DMZ (the DMZ's replies are established flows)."""
+    """The LAN opens flows into the DMZ (the DMZ's replies are established flows), unless
+    inbound = "published" with lan_inbound = false closes it like any other source."""
+    if dmz.inbound == "published" and not dmz.lan_inbound:
+        return [Edge(protected_id(dmz), bridge_id(dmz), "LAN → DMZ: published only\n(lan_inbound = false)",
+                     "inbound")]
     return [Edge(protected_id(dmz), bridge_id(dmz), "LAN → DMZ\nallowed", "inbound")]
 
 
+def _publish_label(publish) -> str:
+    low, high = publish.ports
+    text = f"{publish.proto}/{low if low == high else f'{low}-{high}'}"
+    if publish.listen is not None:
+        where = "every host address" if publish.listen == "host" else str(publish.listen)
+        first, last = publish.listen_ports
+        text += f" via {where}:{first if first == last else f'{first}-{last}'}"
+    if publish.sources:
+        text += " from " + ", ".join(str(net) for net in publish.sources[:MAX_LINES])
+    return text
+
+
+def publish_edges(dmz: DMZ, blocks: tuple[Blocked, ...]) -> list[Edge]:
+    """From beyond the host to each published VM; with inbound = "published", the rest is blocked."""
+    grouped: dict[str, list[str]] = {}
+    for publish in dmz.publish:
+        grouped.setdefault(vm_id(dmz, publish.to), []).append(_publish_label(publish))
+    edges = [Edge("internet", head, "published:\n" + "\n".join(labels), "allowed") for head, labels in grouped.items()]
+    if dmz.inbound == "published":
+        edges.append(Edge("internet", bridge_id(dmz), "blocked\nevery other port (inbound)", "blocked"))
+    return edges
+
+
+def _egress_ports(entry) -> str:
+    if entry.ports is None:
+        return f"{entry.proto}/any"
+    low, high = entry.ports
+    return f"{entry.proto}/{low if low == high else f'{low}-{high}'}"
+
+
 def egress_edges(dmz: DMZ, blocks: tuple[Blocked, ...]) -> list[Edge]:
-    """Beyond the host, what nothing above blocks: open with egress = "any", dropped with "none"."""
+    """Beyond the host, what nothing above blocks: open with egress = "any", dropped with "none", and
+    with "allowlist" only the listed destinations (per VM where `from` says so), the rest dropped."""
     if dmz.egress == "none":
         return [Edge(bridge_id(dmz), "uplink", "blocked\negress none", "blocked")]
-    return [Edge(bridge_id(dmz), "uplink", "egress: any address\nnot private, not listed", "allowed")]
+    if dmz.egress != "allowlist":
+        return [Edge(bridge_id(dmz), "uplink", "egress: any address\nnot private, not listed", "allowed")]
+    grouped: dict[str, dict[str, list[str]]] = {}  # tail -> destination -> its proto/ports
+    for entry in dmz.egress_allow:
+        tail = vm_id(dmz, entry.source_vm) if entry.source_vm else bridge_id(dmz)
+        ports = grouped.setdefault(tail, {}).setdefault(str(entry.to_name or entry.to_net), [])
+        ports.append(_egress_ports(entry))
+    edges = [Edge(tail, "uplink", "allowlist:\n" + "\n".join(f"{to}: {', '.join(ports)}" for to, ports in to.items()),
+                  "allowed") for tail, to in grouped.items()]
+    edges.append(Edge(bridge_id(dmz), "uplink", "blocked\negress not in the allowlist", "blocked"))
+    return edges
 
 
 EdgeBuilder = Callable[[DMZ, tuple[Blocked, ...]], list[Edge]]
 EDGE_BUILDERS: tuple[EdgeBuilder, ...] = (member_edges, hole_edges, host_edges, blocked_edges, lan_edges,
-                                          egress_edges)
+                                          publish_edges, egress_edges)
 
 
 # --- nodes and clusters --------------------------------------------------------------
