@@ -216,7 +216,7 @@ def world(tmp_path_factory):
         for process in listeners:
             process.terminate()
             process.wait(timeout=5)
-        dmzctl("down", str(config), "--timeout", "0")
+        dmzctl("destroy", str(config), "--timeout", "0")
         cleanup()
 
 
@@ -418,3 +418,22 @@ def test_verify_looks_each_name_up_through_the_gateway_and_probes_the_answer(wor
     for row in rows.values():
         assert row["expected"] == "allowed" and row["status"] == "ok", row
     assert [p for p in report["probes"] if p["status"] == "MISMATCH"] == [], result.stdout
+
+
+def test_masquerade_lets_a_one_address_host_s_dmz_out(world):
+    """Last (it re-applies the table). The upstream does not route the DMZ's subnet (a host with one
+    public IPv4): a VM's egress gets no answer, until masquerade = true gives it the host's address."""
+    config = world["config"]
+    assert from_guest(PREFIX_OK, 80)  # the wan routes the DMZ subnet back to the host: it works
+    in_ns(WAN_NS, "ip", "route", "add", "unreachable", "10.234.0.0/24")
+    try:
+        assert not from_guest(PREFIX_OK, 80), "answers found their way without a route back"
+        config.write_text(config.read_text().replace('egress = "allowlist"', 'egress = "allowlist"\nmasquerade = true'))
+        dmzctl("firewall", "up", str(config), check=True)
+        assert any(from_guest(PREFIX_OK, 80) for _ in range(3)), "masqueraded egress got no answer"
+        assert from_guest(LAN_HOST, 80) is False  # the LAN stays blocked, masquerade or not
+        assert not from_guest(OTHER, 80)  # and the allowlist still decides
+    finally:
+        in_ns(WAN_NS, "ip", "route", "del", "unreachable", "10.234.0.0/24", check=False)
+        config.write_text(config.read_text().replace("\nmasquerade = true", ""))
+        dmzctl("firewall", "up", str(config))

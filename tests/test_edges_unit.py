@@ -102,6 +102,8 @@ BAD = [
      "has no static IPv6 address"),
     ({"dhcp": False}, "dmz.egress_allow", "DNS names need the gateway's dnsmasq"),
     ({"dns_forwarders": ["8.8.8.x"]}, "dmz.dns_forwarders[1]", "is not a valid address"),
+    ({"masquerade": "yes"}, "dmz.masquerade", "must be"),
+    ({"masquerade": True, "mode": "nat", "publish": None}, "dmz.masquerade", "masquerades already"),
 ]
 
 
@@ -114,6 +116,17 @@ def test_one_clear_line_per_bad_field(change, field, text):
 
 
 # --- rendering -------------------------------------------------------------------
+
+def test_masquerade_takes_the_host_s_address_beyond_the_host_only():
+    """One public IPv4: IPv4 leaving the DMZ for beyond the host is masqueraded; the DMZ itself and the
+    protected subnets (its holes) see the VM's own address; no masquerade unless asked."""
+    assert not [c for c in render_table(dmz_with(), ()) if "masquerade" in str(c) and "hairpin" not in str(c)]
+    rules = [r for r in _rules(render_table(dmz_with(masquerade=True), ()), "srcnat") if "masquerade:" in r["comment"]]
+    assert len(rules) == 1
+    text = str(rules[0]["expr"])
+    assert "'saddr'" in text and "'10.80.0.0'" in text and "'!='" in text and "'192.168.1.0'" in text
+
+
 
 def _rules(commands, chain):
     return [c["add"]["rule"] for c in commands if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == chain]

@@ -23,7 +23,7 @@ EGRESS = ("any", "none", "allowlist")
 DMZ_KEYS = {
     "name", "bridge", "mode", "gateway", "gateway6", "protected", "dns", "dhcp",
     "egress", "isolate_vms", "log_rate", "log_burst", "allow", "block_private_ranges",
-    "publish", "inbound", "lan_inbound", "egress_allow", "dns_forwarders",
+    "publish", "inbound", "lan_inbound", "egress_allow", "dns_forwarders", "masquerade",
 } | FLOW_CAP_KEYS
 
 

@@ -40,8 +40,12 @@ def parse_edges(check: Checker, table: dict, scope: DmzScope, vms: list[VM], dec
         address = check.address(value, f"dmz.dns_forwarders[{index + 1}]")
         if address is not None:
             forwarders.append(address)
+    masquerade = check.typed(table, "masquerade", bool, "dmz", default=False)
+    if masquerade and mode in ("nat", "isolated"):
+        check.problem("dmz.masquerade", f"is for mode 'route' (mode {mode!r} "
+                                        f"{'masquerades already' if mode == 'nat' else 'reaches nothing beyond the host'})")
     return {"publish": tuple(publish), "inbound": inbound, "lan_inbound": lan_inbound,
-            "egress_allow": tuple(entries), "dns_forwarders": tuple(forwarders)}
+            "egress_allow": tuple(entries), "dns_forwarders": tuple(forwarders), "masquerade": bool(masquerade)}
 
 
 def _parse_list(check: Checker, table: dict, key: str, parse) -> list:

@@ -202,6 +202,7 @@ class DMZ:
     inbound: str = "any"  # "published" | "any"; parse_dmz defaults it to "published" when publish exists
     lan_inbound: bool = True  # with inbound = "published": the protected subnets still reach every port
     dns_forwarders: tuple[IPAddress, ...] = ()  # the gateway's dnsmasq asks these (default: the host's)
+    masquerade: bool = False  # route mode: IPv4 leaving for beyond the host takes the host's address
 
     def caps_of(self, vm: VM) -> FlowCaps:
         return vm.flow_caps or self.flow_caps

@@ -167,15 +167,30 @@ def _dnat_rule(dmz: DMZ, entry: Publish) -> Command:
 
 def nat_chains(dmz: DMZ) -> list[Command]:
     forwarded = [p for p in dmz.publish if p.listen is not None]
-    if not forwarded:
-        return []
-    commands = [_nat_chain(dmz, "dstnat", "prerouting"), _nat_chain(dmz, "srcnat", "postrouting")]
-    commands += [_dnat_rule(dmz, entry) for entry in forwarded]
-    commands.append(_rule(dmz, "srcnat", [_match(_payload("ip", "saddr"), _addr(dmz.subnet)),
-                                          _match(_payload("ip", "daddr"), _addr(dmz.subnet)),
-                                          _match({"ct": {"key": "status"}}, "dnat", "in"), {"masquerade": None}],
-                          "hairpin: a DMZ VM to a published address of its own DMZ"))
+    commands = []
+    if forwarded:
+        commands += [_nat_chain(dmz, "dstnat", "prerouting"), _nat_chain(dmz, "srcnat", "postrouting")]
+        commands += [_dnat_rule(dmz, entry) for entry in forwarded]
+        commands.append(_rule(dmz, "srcnat", [_match(_payload("ip", "saddr"), _addr(dmz.subnet)),
+                                              _match(_payload("ip", "daddr"), _addr(dmz.subnet)),
+                                              _match({"ct": {"key": "status"}}, "dnat", "in"), {"masquerade": None}],
+                              "hairpin: a DMZ VM to a published address of its own DMZ"))
+    if dmz.masquerade and dmz.subnet is not None:
+        if not forwarded:
+            commands.append(_nat_chain(dmz, "srcnat", "postrouting"))
+        commands.append(_masquerade_rule(dmz))
     return commands
+
+
+def _masquerade_rule(dmz: DMZ) -> Command:
+    """masquerade = true: what leaves the DMZ for beyond the host takes the host's outgoing address (a host
+    with one public IPv4); the protected subnets (holes) keep seeing the VM's own address. IPv6 is routed."""
+    where = [_match(_payload("ip", "saddr"), _addr(dmz.subnet)),
+             _match(_payload("ip", "daddr"), _addr(dmz.subnet), "!=")]
+    protected = [net for net in dmz.protected if net.version == 4]
+    if protected:
+        where.append(_match(_payload("ip", "daddr"), _anon_set(protected), "!="))
+    return _rule(dmz, "srcnat", where + [{"masquerade": None}], "masquerade: the DMZ to beyond the host")
 
 
 # --- egress allowlist ----------------------------------------------------------
