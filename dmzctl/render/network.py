@@ -11,6 +11,10 @@ from ..config import DMZ
 from .base import load_base, metadata_element, replace_child, stable_uuid, sub, xml_dir
 
 
+# libvirt's namespace for dnsmasq options of its own (formatnetwork.html, "dnsmasq options").
+DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"
+
+
 def dhcp_range(gateway: ipaddress.IPv4Interface) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
     """The half of the subnet the gateway is not in, so dynamic leases never hit the host.
 
@@ -60,7 +64,33 @@ def render_network(dmz: DMZ, base: Optional[etree._Element] = None) -> etree._El
             if vm.ip is not None:
                 sub(dhcp, "host", mac=vm.mac, name=vm.name, ip=str(vm.ip))
     if dmz.gateway6 is not None:
-        # Router advertisements from libvirt's dnsmasq give VMs SLAAC addresses
-        # and the default route; static ip6 VMs configure themselves.
-        sub(net, "ip", family="ipv6", address=str(dmz.gateway6.ip), prefix=str(dmz.gateway6.network.prefixlen))
+        ip6 = sub(net, "ip", family="ipv6", address=str(dmz.gateway6.ip), prefix=str(dmz.gateway6.network.prefixlen))
+        _dhcp6(net, ip6, dmz)
     return net
+
+
+def _dhcp6(net: etree._Element, ip6: etree._Element, dmz: DMZ) -> None:
+    """DHCPv6 for the VMs with an ip6: each one's address bound to its MAC, and SLAAC kept.
+
+    libvirt refuses `mac` on an IPv6 <host> (only `id`, a DUID the guest picks, or `name`, which the
+    guest sends, if it does); it writes a host as `<name>,[<ip>]` into dnsmasq's hostsfile unchecked.
+    A MAC in `name` is thus dnsmasq's own `dhcp-host=<mac>,[<ip>]`: it matches the client by the
+    hardware address dnsmasq sees on the link (the one the VM cannot change: no-mac-spoofing), whatever
+    DUID or hostname the guest sends. It stays a libvirt <host>, so a VM added or removed updates the
+    running network (net-update, parent index of this <ip>) like the IPv4 leases.
+
+    With DHCPv6, libvirt's router advertisements say "managed" (M and O flags, which make clients ask)
+    but drop the prefix's autonomous flag: the `ra-only` context for the same prefix puts it back, so
+    the guest's EUI-64 SLAAC address, which the anti-spoofing filter binds too, keeps working.
+    """
+    vms = [vm for vm in dmz.vms if vm.ip6 is not None] if dmz.dhcp else []
+    if not vms:
+        return  # router advertisements only, as libvirt renders an IPv6 <ip> without DHCP
+    dhcp = sub(ip6, "dhcp")
+    for vm in vms:
+        sub(dhcp, "host", name=vm.mac, ip=str(vm.ip6))
+    options = etree.SubElement(net, f"{{{DNSMASQ_NS}}}options")
+    etree.SubElement(options, f"{{{DNSMASQ_NS}}}option",
+                     value=f"dhcp-range={dmz.gateway6.ip},ra-only,{dmz.gateway6.network.prefixlen}")
+    # Declared on <network>, where libvirt writes it back: the live and rendered documents compare equal.
+    etree.cleanup_namespaces(net, top_nsmap={"dnsmasq": DNSMASQ_NS})
