@@ -205,6 +205,20 @@ class Virt:
         except libvirt.libvirtError:
             return []  # leases are a courtesy in status, never a decision
 
+    def agent_addresses(self, name: str) -> list[tuple[str, str]]:
+        """(MAC, address) pairs from the QEMU guest agent of a running domain; none without a connected
+        agent channel (org.qemu.guest_agent.0) or on any error: a courtesy in status."""
+        dom = self._domain(name)
+        try:
+            live = etree.fromstring(dom.XMLDesc(0).encode()) if dom is not None and dom.isActive() else None
+            if live is None or not live.xpath("devices/channel/target[@name='org.qemu.guest_agent.0'"
+                                              " and @state='connected']"):
+                return []
+            found = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
+        except libvirt.libvirtError:
+            return []
+        return [(nic.get("hwaddr") or "", a["addr"]) for nic in found.values() for a in nic.get("addrs") or ()]
+
     # --- nwfilters --------------------------------------------------------
 
     def nwfilter_exists(self, name: str) -> bool:
