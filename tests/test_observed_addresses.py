@@ -212,7 +212,7 @@ def test_status_shows_observed_addresses_while_running_and_none_after(tmp_path, 
         dmzctl("kill", str(config), check=True)
         vms, text = status_of(config)
         assert vms[WEB]["state"] == "shut off" and vms[WEB]["observed"] is None, vms[WEB]
-        assert "observed" not in text, text
+        assert "· observed" not in text, text
     finally:
         dmzctl("down", str(config), "--timeout", "0")
         wipe(DMZ, [WEB, GHOST, LATE])
