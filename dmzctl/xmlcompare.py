@@ -41,21 +41,27 @@ def differs(live_xml: str, want_xml: str) -> bool:
     return old != new
 
 
-def dhcp_host_change(live_xml: str, want_xml: str) -> Optional[tuple[list[str], list[str]]]:
-    """(removed, added) <host> entries of the IPv4 DHCP section, when the two network documents differ
-    in those alone; None when anything else differs too."""
+HostEntry = tuple[int, str]  # (index of its <ip> among the network's <ip> elements: libvirt's parentIndex, <host>)
+
+
+def dhcp_host_change(live_xml: str, want_xml: str) -> Optional[tuple[list[HostEntry], list[HostEntry]]]:
+    """(removed, added) <host> entries of the DHCP sections (IPv4 and IPv6), when the two network documents
+    differ in those alone; None when anything else differs too (a DHCP section appearing or going
+    included: libvirt switches dnsmasq's DHCPv6 on or off only when the network starts)."""
     parser = etree.XMLParser(remove_blank_text=True, remove_comments=True)
     live, want = (etree.fromstring(x.encode(), parser) for x in (live_xml, want_xml))
     hosts = []
     for root in (live, want):
-        found = root.xpath("ip[not(@family) or @family='ipv4']/dhcp/host")
-        hosts.append({_host_key(host): to_string(host).strip() for host in found})
-        for host in found:
-            host.getparent().remove(host)
+        entries = {}
+        for index, ip in enumerate(root.findall("ip")):
+            for host in ip.findall("dhcp/host"):
+                entries[(index, _host_key(host))] = (index, to_string(host).strip())
+                host.getparent().remove(host)
+        hosts.append(entries)
     if differs(to_string(live), to_string(want)):
         return None
-    removed = [xml for key, xml in hosts[0].items() if key not in hosts[1]]
-    added = [xml for key, xml in hosts[1].items() if key not in hosts[0]]
+    removed = [entry for key, entry in hosts[0].items() if key not in hosts[1]]
+    added = [entry for key, entry in hosts[1].items() if key not in hosts[0]]
     return removed, added
 
 

@@ -161,7 +161,7 @@ def test_status_reports_each_state_truthfully(make_dmz):
     assert up.returncode == 0, up.stdout
     report = json.loads(up.stdout)[0]
     assert report["ok"] and report["network"] == "active" and report["firewall"] == "in sync"
-    assert report["vms"][0]["state"] == "running" and "10.241.0.20" in report["vms"][0]["addresses"]
+    assert report["vms"][0]["state"] == "running" and "10.241.0.20" in report["vms"][0]["configured"]
     assert dmzctl("status", str(config)).stdout.startswith("DMZ lcst")
 
     # One chain flushed behind dmzctl's back: drifted, not "in sync".

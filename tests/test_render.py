@@ -490,6 +490,6 @@ def test_dhcp_host_change_sees_static_leases_alone():
            "ip='10.0.0.11'/></dhcp></ip></network>")
     one = two.replace("<host mac='52:54:00:00:00:02' name='b' ip='10.0.0.11'/>", "")
     removed, added = dhcp_host_change(two, one)
-    assert added == [] and len(removed) == 1 and "10.0.0.11" in removed[0]
+    assert added == [] and len(removed) == 1 and removed[0][0] == 0 and "10.0.0.11" in removed[0][1]
     assert dhcp_host_change(one, two)[1] and not dhcp_host_change(one, two)[0]
     assert dhcp_host_change(two, two.replace("10.0.0.1'", "10.0.0.2'")) is None  # anything else: a restart

@@ -23,7 +23,7 @@ dmzctl/render/nft.py renders them:
            4 source outside the DMZ subnet (link-local/unspecified allowed) -> spoofed
            5 holes
            6 DHCP/DNS to the gateway (dhcp on; DNS also to the IPv6 gateway and
-             link-local), IPv6 neighbour discovery
+             link-local; DHCPv6 to ff02::1:2), IPv6 neighbour discovery
            7 everything else -> host
 
 After dmzctl's table, libvirt's own rules still see forwarded packets: an
@@ -54,6 +54,7 @@ __all__ = ["ORDER", "PORT_PROTOS", "PROTO_NAMES", "PROTO_NUMBERS", "Decision", "
 ND_TYPES = {133: "nd-router-solicit", 135: "nd-neighbor-solicit", 136: "nd-neighbor-advert"}
 
 LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
+ALL_DHCP6 = ipaddress.ip_address("ff02::1:2")  # All_DHCP_Relay_Agents_and_Servers
 UNSPECIFIED4 = ipaddress.ip_address("0.0.0.0")
 UNSPECIFIED6 = ipaddress.ip_address("::")
 BROADCAST4 = ipaddress.ip_address("255.255.255.255")
@@ -379,6 +380,11 @@ def _to_host(dmz: DMZ, flow: Flow) -> Decision:
             return walk.decide(True, "dns6", "DNS to the gateway (IPv6)", "to_host", "DNS to libvirt's dnsmasq "
                                "on the IPv6 gateway or the bridge's link-local address (named in its router "
                                "advertisements) is accepted (dhcp = true)")
+        if flow.family == 6 and dmz.gateway6 is not None and flow.proto == "udp" and flow.port == 547 \
+                and flow.dst == ALL_DHCP6 and (flow.src is None or flow.src in LINK_LOCAL6):
+            walk.trace.append("to_host 6 DHCPv6 to the gateway: accept")
+            return walk.decide(True, "dhcp6", "DHCPv6 to the gateway", "to_host", "DHCPv6 from a link-local "
+                               "address to ff02::1:2 is accepted (dhcp = true)")
         walk.trace.append("to_host 6 DHCP/DNS to the gateway: no")
     if dmz.gateway6 is not None and flow.proto == "icmpv6" and flow.icmp_type in ND_TYPES:
         walk.trace.append(f"to_host 6 IPv6 neighbour discovery ({ND_TYPES[flow.icmp_type]}): accept")

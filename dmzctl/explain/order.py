@@ -14,7 +14,7 @@ ORDER = {
                  "private", "dns-elsewhere", "egress-allow", "egress-name", "egress"),
     "to_dmz": ("lan-inbound", "published", "published-from", "inbound"),
     "dstnat": ("dnat",),
-    "to_host": ("caps", "spoofed", "hole", "dhcp", "dns", "dns6", "nd", "host"),
+    "to_host": ("caps", "spoofed", "hole", "dhcp", "dns", "dns6", "dhcp6", "nd", "host"),
     "caps": ("own-caps", "new-flows", "flows"),
 }
 
@@ -26,6 +26,7 @@ def rule_kind(comment: str) -> str:
         "IPv4 source outside the DMZ subnet": "spoofed", "IPv6 source outside the DMZ subnet": "spoofed",
         "the DMZ has no IPv6": "spoofed", "VM to VM (isolate_vms)": "vm-to-vm",
         "VM to VM within the DMZ": "within-dmz", "DNS to the gateway (IPv6)": "dns6",
+        "DHCPv6 to the gateway": "dhcp6",
         "to protected IPv4": "protected", "to protected IPv6": "protected", "egress none": "egress",
         "DHCP to the gateway": "dhcp", "DNS to the gateway": "dns", "IPv6 neighbour discovery": "nd",
         "everything else to the host": "host", "the host's own multicast, looped back": "host-multicast",

@@ -175,16 +175,17 @@ class Virt(StorageMixin):
             if net.isPersistent():
                 net.undefine()
 
-    def update_dhcp_hosts(self, name: str, removed: list[str], added: list[str]) -> None:
-        """Take out and put in <host> entries of the running network's IPv4 DHCP section (its definition
-        is defined whole beforehand): a VM added to or removed from a DMZ needs no network restart."""
+    def update_dhcp_hosts(self, name: str, removed: list[tuple[int, str]], added: list[tuple[int, str]]) -> None:
+        """Take out and put in <host> entries, each (index of its <ip>, XML), of the running network's DHCP
+        sections (its definition is defined whole beforehand): a VM added to or removed from a DMZ needs no
+        network restart. libvirt rewrites dnsmasq's hostsfile and sends it SIGHUP, for IPv6 hosts too."""
         net = self._must_network(name)
         flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
         with self._call(f"updating the DHCP hosts of network {name}"):
             for command, hosts in ((libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, removed),
                                    (libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, added)):
-                for host in hosts:
-                    net.update(command, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, 0, host, flags)
+                for index, host in hosts:
+                    net.update(command, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, index, host, flags)
 
     def network_of_bridge(self, bridge: str) -> Optional[str]:
         """The name of the libvirt network whose bridge is `bridge`, if any."""
@@ -204,6 +205,20 @@ class Virt(StorageMixin):
             return net.DHCPLeases() if net is not None and net.isActive() else []
         except libvirt.libvirtError:
             return []  # leases are a courtesy in status, never a decision
+
+    def agent_addresses(self, name: str) -> list[tuple[str, str]]:
+        """(MAC, address) pairs from the QEMU guest agent of a running domain; none without a connected
+        agent channel (org.qemu.guest_agent.0) or on any error: a courtesy in status."""
+        dom = self._domain(name)
+        try:
+            live = etree.fromstring(dom.XMLDesc(0).encode()) if dom is not None and dom.isActive() else None
+            if live is None or not live.xpath("devices/channel/target[@name='org.qemu.guest_agent.0'"
+                                              " and @state='connected']"):
+                return []
+            found = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
+        except libvirt.libvirtError:
+            return []
+        return [(nic.get("hwaddr") or "", a["addr"]) for nic in found.values() for a in nic.get("addrs") or ()]
 
     # --- nwfilters --------------------------------------------------------
 

@@ -12,9 +12,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
+from ..addresses import ObservedAddress, format_addresses, observed_addresses
 from ..config import DMZ
 from ..errors import DmzctlError
 from ..host.lock import dmz_lock
+from ..host.neighbours import bridge_neighbours
 from ..host.virt import Virt
 from ..settings import Settings
 from ..state import Difference, Snapshot, snapshot, summary_of
@@ -34,7 +36,8 @@ class VMStatus:
     state: str
     as_configured: bool
     uptime_s: Optional[float] = None
-    addresses: list[str] = field(default_factory=list)
+    configured: list[str] = field(default_factory=list)  # the config's ip and ip6
+    observed: Optional[list[ObservedAddress]] = None     # seen on the host; None unless running
     problems: list[str] = field(default_factory=list)
 
 
@@ -68,7 +71,7 @@ class DMZStatus:
         return "NOT AS CONFIGURED"
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = asdict(self)  # observed addresses become {"address", "sources"}
         data["ok"] = self.ok
         data["verdict"] = self.verdict
         return data
@@ -80,8 +83,8 @@ def dmz_status(virt: Virt, dmz: DMZ, settings: Settings) -> DMZStatus:
     about_vms = {d.subject for d in differences if d.kind.startswith("vm-") and d.subject}
     network = _network_word(dmz, observed.network)
     table = observed.table
-    leases = virt.dhcp_leases(dmz.name) if network == "active" else []
-    vms = [_vm_status(dmz, vm, observed.domains.get(vm.name), differences, leases) for vm in dmz.vms]
+    seen = _seen(virt, dmz, observed.network if network == "active" else None, observed.domains)
+    vms = [_vm_status(dmz, vm, observed.domains.get(vm.name), differences, seen) for vm in dmz.vms]
     problems = [d.line() for d in differences if d.subject not in about_vms or not d.kind.startswith("vm-")]
     return DMZStatus(name=dmz.name, config=str(dmz.source), network=network,
                      network_as_configured=network == "active" and not any(d.kind.startswith("network-")
@@ -99,7 +102,19 @@ def _network_word(dmz: DMZ, network) -> str:
     return "active" if network.active else "inactive"
 
 
-def _vm_status(dmz: DMZ, vm, info, differences: list[Difference], leases: list[dict]) -> VMStatus:
+def _seen(virt: Virt, dmz: DMZ, network, domains: dict) -> dict:
+    """What the host sees of the running VMs' addresses: libvirt's leases, the bridge's neighbour table,
+    and the guest agent of each VM that runs one."""
+    running = [name for name, info in domains.items() if info is not None and info.running
+               and info.owner == dmz.name]
+    seen = {"leases": [], "neighbours": [], "agent": {name: virt.agent_addresses(name) for name in running}}
+    if network is not None:
+        seen["leases"] = virt.dhcp_leases(dmz.name)
+        seen["neighbours"] = bridge_neighbours(network.bridge or dmz.bridge)
+    return seen
+
+
+def _vm_status(dmz: DMZ, vm, info, differences: list[Difference], seen: dict) -> VMStatus:
     mine = [d for d in differences if d.subject == vm.name and d.kind.startswith("vm-")]
     status = VMStatus(name=vm.name, state="absent", as_configured=not mine,
                       problems=[d.problem for d in mine])
@@ -107,10 +122,10 @@ def _vm_status(dmz: DMZ, vm, info, differences: list[Difference], leases: list[d
         status.state = info.state if info.owner == dmz.name else "foreign"
         if info.started_at:
             status.uptime_s = round(time.time() - info.started_at, 1)
-    status.addresses = [str(a) for a in (vm.ip, vm.ip6) if a is not None]
-    for lease in leases:
-        if lease.get("mac", "").lower() == vm.mac and lease.get("ipaddr") not in status.addresses:
-            status.addresses.append(lease["ipaddr"])
+    status.configured = [str(a) for a in (vm.ip, vm.ip6) if a is not None]
+    if info is not None and info.running and info.owner == dmz.name:
+        status.observed = observed_addresses(vm.mac, seen["leases"], seen["neighbours"],
+                                             seen["agent"].get(vm.name, ()))
     return status
 
 
@@ -122,8 +137,7 @@ def format_status(status: DMZStatus) -> str:
              f"  hooks     {status.hooks}"]
     for vm in status.vms:
         uptime = f", up {_duration(vm.uptime_s)}" if vm.uptime_s is not None else ""
-        addresses = f", {' '.join(vm.addresses)}" if vm.addresses else ""
-        lines.append(f"  vm {vm.name:<12} {vm.state}{uptime}{addresses}")
+        lines.append(f"  vm {vm.name:<12} {vm.state}{uptime}, {format_addresses(vm.configured, vm.observed)}")
         lines.extend(f"      ! {problem}" for problem in vm.problems)
     lines.extend(f"  ! {problem}" for problem in status.problems)
     lines.extend(f"  warning: {warning}" for warning in status.warnings)

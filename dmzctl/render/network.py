@@ -11,6 +11,10 @@ from ..config import DMZ
 from .base import load_base, metadata_element, replace_child, stable_uuid, sub, xml_dir
 
 
+# libvirt's namespace for dnsmasq options of its own (formatnetwork.html, "dnsmasq options").
+DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"
+
+
 def dhcp_range(gateway: ipaddress.IPv4Interface) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
     """The half of the subnet the gateway is not in, so dynamic leases never hit the host.
 
@@ -60,15 +64,15 @@ def render_network(dmz: DMZ, base: Optional[etree._Element] = None) -> etree._El
             if vm.ip is not None:
                 sub(dhcp, "host", mac=vm.mac, name=vm.name, ip=str(vm.ip))
     if dmz.gateway6 is not None:
-        # Router advertisements from libvirt's dnsmasq give VMs SLAAC addresses
-        # and the default route; static ip6 VMs configure themselves.
-        sub(net, "ip", family="ipv6", address=str(dmz.gateway6.ip), prefix=str(dmz.gateway6.network.prefixlen))
+        # Router advertisements from libvirt's dnsmasq give VMs SLAAC addresses and the default
+        # route; DHCPv6 gives each VM with an ip6 that address (_dhcp6).
+        ip6 = sub(net, "ip", family="ipv6", address=str(dmz.gateway6.ip), prefix=str(dmz.gateway6.network.prefixlen))
+        _dhcp6(ip6, dmz)
     dns_for_egress(net, dmz)
     return net
 
 
-DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"
-OWNED_OPTIONS = ("nftset=", "cache-size=")  # the dnsmasq options dmzctl writes (and replaces)
+OWNED_OPTIONS = ("nftset=", "cache-size=", "dhcp-range=")  # the dnsmasq options dmzctl writes (and replaces)
 
 
 def nftset_options(dmz: DMZ) -> list[str]:
@@ -102,11 +106,11 @@ def dns_for_egress(net: etree._Element, dmz: DMZ) -> None:
         for old in holder.findall(f"{{{DNSMASQ_NS}}}option"):
             if old.get("value", "").startswith(OWNED_OPTIONS):
                 holder.remove(old)
-    options = nftset_options(dmz)
+    named = nftset_options(dmz)
+    # No cache with names: an answer dnsmasq gives from its cache adds nothing to the sets, and the
+    # sets are emptied whenever the table is replaced; every answer then comes through them.
+    options = dhcp6_options(dmz) + (["cache-size=0"] + named if named else [])
     if options:
-        # No cache: an answer dnsmasq gives from its cache adds nothing to the sets, and the sets
-        # are emptied whenever the table is replaced; every answer then comes through them.
-        options.insert(0, "cache-size=0")
         if holder is None:
             holder = etree.SubElement(net, f"{{{DNSMASQ_NS}}}options", nsmap={"dnsmasq": DNSMASQ_NS})
         for value in options:
@@ -116,3 +120,36 @@ def dns_for_egress(net: etree._Element, dmz: DMZ) -> None:
     # Declared on <network>, where libvirt writes it back: the live document then reads as rendered.
     if net.find(f"{{{DNSMASQ_NS}}}options") is not None:
         etree.cleanup_namespaces(net, top_nsmap={"dnsmasq": DNSMASQ_NS})
+
+
+def _dhcp6(ip6: etree._Element, dmz: DMZ) -> None:
+    """DHCPv6 for the VMs with an ip6: each one's address bound to its MAC, and SLAAC kept.
+
+    libvirt refuses `mac` on an IPv6 <host> (only `id`, a DUID the guest picks, or `name`, which the
+    guest sends, if it does); it writes a host as `<name>,[<ip>]` into dnsmasq's hostsfile unchecked.
+    A MAC in `name` is thus dnsmasq's own `dhcp-host=<mac>,[<ip>]`: it matches the client by the
+    hardware address dnsmasq sees on the link (the one the VM cannot change: no-mac-spoofing), whatever
+    DUID or hostname the guest sends. It stays a libvirt <host>, so a VM added or removed updates the
+    running network (net-update, parent index of this <ip>) like the IPv4 leases.
+
+    With DHCPv6, libvirt's router advertisements say "managed" (M and O flags, which make clients ask)
+    but drop the prefix's autonomous flag: the `ra-only` context for the same prefix puts it back, so
+    the guest's EUI-64 SLAAC address, which the anti-spoofing filter binds too, keeps working.
+    """
+    vms = _dhcp6_vms(dmz)
+    if not vms:
+        return  # router advertisements only, as libvirt renders an IPv6 <ip> without DHCP
+    dhcp = sub(ip6, "dhcp")
+    for vm in vms:
+        sub(dhcp, "host", name=vm.mac, ip=str(vm.ip6))
+
+
+def _dhcp6_vms(dmz: DMZ) -> list:
+    return [vm for vm in dmz.vms if vm.ip6 is not None] if dmz.dhcp and dmz.gateway6 is not None else []
+
+
+def dhcp6_options(dmz: DMZ) -> list[str]:
+    """With DHCPv6 on, the `ra-only` context of the same prefix that keeps SLAAC (see _dhcp6)."""
+    if not _dhcp6_vms(dmz):
+        return []
+    return [f"dhcp-range={dmz.gateway6.ip},ra-only,{dmz.gateway6.network.prefixlen}"]

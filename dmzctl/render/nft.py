@@ -256,6 +256,12 @@ def render_table(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> list
                        {"set": [str(dmz.gateway6.ip), {"prefix": {"addr": "fe80::", "len": 10}}]}),
                 _match(_meta("l4proto"), {"set": ["tcp", "udp"]}), _match(_payload("th", "dport"), 53),
                 _verdict("accept")], "DNS to the gateway (IPv6)"))
+            # DHCPv6 from the client's link-local address to All_DHCP_Relay_Agents_and_Servers.
+            commands.append(_rule(dmz, "to_host", [
+                _match(_payload("ip6", "saddr"), {"prefix": {"addr": "fe80::", "len": 10}}),
+                _match(_payload("ip6", "daddr"), "ff02::1:2"),
+                _match(_meta("l4proto"), "udp"), _match(_payload("udp", "dport"), 547),
+                _verdict("accept")], "DHCPv6 to the gateway"))
     if dmz.gateway6 is not None:
         commands.append(_rule(dmz, "to_host", [
             _match(_meta("l4proto"), "ipv6-icmp"),
