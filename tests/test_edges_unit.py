@@ -12,7 +12,7 @@ import pytest
 from dmzctl.config import parse_dmz
 from dmzctl.errors import ConfigError
 from dmzctl.explain import explain, make_flow
-from dmzctl.render.network import nftset_options, render_network
+from dmzctl.render.network import dhcp6_options, nftset_options, render_network
 from dmzctl.render.nft import render_table
 
 SOURCE = Path("/etc/dmzctl/e.toml")
@@ -219,8 +219,10 @@ def test_dnsmasq_fills_the_name_sets_of_the_dmzs_table():
         "nftset=/relay.example.org/4#inet#dmzctl-e#names2_4,6#inet#dmzctl-e#names2_6"]
     ns = "{http://libvirt.org/schemas/network/dnsmasq/1.0}"
     values = [o.get("value") for o in render_network(dmz).iter(f"{ns}option")]
-    assert values[0] == "cache-size=0" and values[1:] == nftset_options(dmz)
-    assert render_network(dmz_with(egress_allow=[{"to": "1.2.3.4", "proto": "tcp"}])).find(f"{ns}options") is None
+    # DHCPv6's ra-only context first (render/network.py), then no cache, then the names' sets.
+    assert values == dhcp6_options(dmz) + ["cache-size=0"] + nftset_options(dmz)
+    no_names = dmz_with(egress_allow=[{"to": "1.2.3.4", "proto": "tcp"}])
+    assert [o.get("value") for o in render_network(no_names).iter(f"{ns}option")] == dhcp6_options(no_names)
 
 
 def test_name_sets_are_state_not_drift():
@@ -299,4 +301,4 @@ def test_a_base_documents_own_dns_settings_and_dnsmasq_options_are_kept():
     assert net.find("dns/txt").get("value") == "kept"
     assert [f.get("addr") for f in net.findall("dns/forwarder")] == ["198.51.100.53"]
     values = [o.get("value") for o in net.iter(f"{{{ns}}}option")]
-    assert values == ["log-queries", "cache-size=0"] + nftset_options(dmz_with())
+    assert values == ["log-queries"] + dhcp6_options(dmz_with()) + ["cache-size=0"] + nftset_options(dmz_with())
