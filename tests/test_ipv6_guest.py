@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 
 from guest import cached_build, dmzctl, serial_log, wipe
-from tablekeeper import TableKeeper
 
 pytestmark = [pytest.mark.host, pytest.mark.guest]
 
@@ -184,7 +183,6 @@ def guest():
     directory.chmod(0o755)
     env = {"DMZCTL_EVENT_LOG": str(directory / "events.log")}
     wipe(DMZ, [VM])
-    keeper = None
     try:
         make_lan()
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "v6-test", "-f",
@@ -197,8 +195,6 @@ def guest():
         seed = make_seed_iso(directory, seed_files(f"v6-{os.getpid()}-{int(time.time())}", key))
         config = write_config(directory, image, base, seed)
         dmzctl("up", str(config), check=True, env=env)
-        keeper = TableKeeper(DMZ, config, "DHCPv6 to the gateway", env)
-        keeper.start()
         started = time.monotonic()
         while not ssh_banner(VM_IP).startswith(b"SSH-"):
             if time.monotonic() - started > BOOT_TIMEOUT:
@@ -207,11 +203,8 @@ def guest():
             time.sleep(1)
         print(f"\n[ipv6 guest] VM started to sshd banner: {time.monotonic() - started:.1f} s")
         yield Guest(directory, config)
-        print(f"\n[ipv6 guest] table put back after another checkout's refresh: {keeper.restored} time(s)")
     finally:
-        if keeper is not None:
-            keeper.stop()
-        dmzctl("down", str(directory / f"{DMZ}.toml"), "--timeout", "0", env=env)
+        dmzctl("destroy", str(directory / f"{DMZ}.toml"), "--timeout", "0", env=env)
         wipe(DMZ, [VM])
         remove_lan()
         shutil.rmtree(directory, ignore_errors=True)

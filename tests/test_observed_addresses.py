@@ -214,7 +214,7 @@ def test_status_shows_observed_addresses_while_running_and_none_after(tmp_path, 
         assert vms[WEB]["state"] == "shut off" and vms[WEB]["observed"] is None, vms[WEB]
         assert "· observed" not in text, text
     finally:
-        dmzctl("down", str(config), "--timeout", "0")
+        dmzctl("destroy", str(config), "--timeout", "0")
         wipe(DMZ, [WEB, GHOST, LATE])
 
 
@@ -222,16 +222,7 @@ def dhcpv6_by_mac_through_dmzctls_table(config: Path, tmp_path: Path) -> None:
     """A namespace on the bridge plays the configured, never-started VM: the Solicit passes dmzctl's
     table and dnsmasq offers the configured ip6 for the MAC, none for another MAC. Then a VM added to
     the config is added to the running network (net-update, no restart) and its MAC gets its ip6."""
-    from guest import dmzctl
-
-    from tablekeeper import TableKeeper
-
-    keeper = TableKeeper(DMZ, config, "DHCPv6 to the gateway")
-    keeper.start()
-    try:
-        _solicits(config)
-    finally:
-        print(f"\n[observed] table put back after another checkout's refresh: {keeper.stop()} time(s)")
+    _solicits(config)
 
 
 def _solicits(config: Path) -> None:

@@ -100,7 +100,7 @@ def host():
         base.chmod(0o444)
         yield Host(directory, base, {"DMZCTL_EVENT_LOG": str(directory / "events.log")})
     finally:
-        dmzctl("down", str(directory / f"{DMZ}.toml"), "--timeout", "0")
+        dmzctl("destroy", str(directory / f"{DMZ}.toml"), "--timeout", "0")
         wipe(DMZ, [VM, f"{VM}-d"])
         remove_volumes(POOL, f"{VM}-")
         run("virsh", "-q", "pool-destroy", POOL, check=False)
@@ -223,7 +223,7 @@ def test_dmzctl_pool_is_made_when_absent(host):
         if not existed:
             assert f"<path>{DEFAULT_POOL_DIR}</path>" in info, info
     finally:
-        dmzctl("down", str(config), "--timeout", "0")
+        dmzctl("destroy", str(config), "--timeout", "0")
         remove_volumes("dmzctl", f"{name}-")
         if not existed:
             run("virsh", "-q", "pool-destroy", "dmzctl", check=False)
@@ -258,5 +258,5 @@ def test_a_failed_up_removes_the_volumes_it_made_and_keeps_one_that_was_there(ho
         assert set(volumes(POOL)) == {f"{VM}-data.qcow2"}
         assert run("virsh", "vol-key", "--pool", POOL, f"{VM}-data.qcow2").stdout == kept
     finally:
-        dmzctl("down", str(config), "--timeout", "0")
+        dmzctl("destroy", str(config), "--timeout", "0")
         remove_volumes(POOL, f"{VM}-")
