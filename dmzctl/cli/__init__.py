@@ -71,21 +71,79 @@ def run(action, debug: bool = False):
     """Call action(); a DmzctlError becomes a message and its exit code (a traceback with --debug)."""
     try:
         return action()
-    except DmzctlError as error:
-        if debug:
-            raise
-        fail(error)
-    except Exception as error:
-        # A libvirt error that escaped host/virt.py's translation is still no answer to show as a
-        # traceback: one line, exit code 3 (the host), like every other host error.
-        if type(error).__name__ != "libvirtError" or debug:
-            raise
-        from ..host.objects import describe
-
-        fail(HostError(f"libvirt: {describe(error)}"))
     except KeyboardInterrupt:
         typer.echo("dmzctl: interrupted", err=True)
         raise typer.Exit(code=130) from None
+    except Exception as error:
+        known = _known(error, debug)
+        if known is None:
+            raise
+        fail(known)
+
+
+def _known(error: Exception, debug: bool) -> Optional[DmzctlError]:
+    """The error as dmzctl says it; None for what keeps its traceback (anything with --debug).
+
+    A libvirt error that escaped host/virt.py's translation is still no answer to show as a
+    traceback: one line, exit code 3 (the host), like every other host error."""
+    if debug:
+        return None
+    if isinstance(error, DmzctlError):
+        return error
+    if type(error).__name__ == "libvirtError":
+        from ..host.objects import describe
+
+        return HostError(f"libvirt: {describe(error)}")
+    return None
+
+
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="One JSON document on stdout: per DMZ what changed and what is pending, or the error "
+                   "(progress goes to stderr)")]
+
+
+def run_outcomes(settings: Settings, configs, as_json: bool, verb: str, work, before=None) -> None:
+    """work(virt, dmz, say) -> Outcome, for each DMZ under its lock. Without --json each outcome is
+    summed up as it comes; with it, one document at the end: {"changed", "dmzs": [...]} and, on a
+    failure, "error" (one line) and "exit_code" too, with that exit code. The top "changed" is
+    whether anything on the host changed (another DMZ's table refreshed included)."""
+    talk = say_err if as_json else say
+    outcomes = []
+
+    def one(virt, dmz):
+        outcome = work(virt, dmz, talk)
+        outcomes.append(outcome)
+        if not as_json:
+            print_outcome(outcome, verb)
+
+    def action():
+        if before is not None:
+            before()
+        each_dmz(settings, configs, one, say=talk)
+
+    if not as_json:
+        return run(action, settings.debug)
+    document = {"changed": False, "dmzs": outcomes}
+    try:
+        action()
+    except KeyboardInterrupt:
+        document.update(error="interrupted", exit_code=130)
+    except Exception as error:
+        known = _known(error, settings.debug)
+        if known is None:
+            raise
+        document.update(error=one_line(known), exit_code=known.exit_code)
+    document.update(changed=any(o.changed or o.refreshed for o in outcomes), dmzs=[o.to_dict() for o in outcomes])
+    typer.echo(json.dumps(document, indent=2))
+    if "exit_code" in document:
+        raise typer.Exit(code=document["exit_code"])
+
+
+def one_line(error: DmzctlError) -> str:
+    """A config error's problems joined on one line; any other error's first line."""
+    if isinstance(error, ConfigError):
+        return "; ".join(error.problems)
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def load_configs(paths: Optional[list[Path]]) -> list[DMZ]:
@@ -101,6 +159,10 @@ VmOpt = Annotated[Optional[list[str]], typer.Option("--vm", help="Only this VM (
 
 def say(message: str) -> None:
     typer.echo(message)
+
+
+def say_err(message: str) -> None:
+    typer.echo(message, err=True)
 
 
 def print_outcome(outcome, verb: str) -> None:
@@ -120,7 +182,7 @@ def print_reports(items, as_json: bool, text: str, ok: bool = True) -> None:
         raise typer.Exit(code=1)
 
 
-def each_dmz(settings: Settings, configs, work):
+def each_dmz(settings: Settings, configs, work, say=say):
     """Run work(virt, dmz) for each DMZ under its lock, with one libvirt connection."""
     from ..host.lock import dmz_lock
     from ..host.virt import Virt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -186,9 +187,14 @@ def plan(
     restart_changed: Annotated[bool, typer.Option(
         "--restart-changed", help="Plan as for `up --restart-changed`")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    config_path: Annotated[Optional[Path], typer.Option(
+        "--config-path", help="Plan as though the one config file given were at this path (where a "
+                              "tool such as Ansible is about to write it)")] = None,
     connect: ConnectOpt = None,
 ) -> None:
     """What `up` would change, as a diff (decided as `up` decides it); changes nothing."""
+    from dataclasses import replace
+
     from ..host.virt import Virt
     from ..ops.plan import compute, format_plan
 
@@ -196,6 +202,8 @@ def plan(
 
     def action():
         dmzs = load_configs(configs)
+        if config_path is not None:
+            dmzs = [replace(_one_dmz(configs), source=config_path.resolve())]
         with Virt(settings.uri) as virt:
             plans = [compute(virt, dmz, settings, vm, restart_changed) for dmz in dmzs]
         print_reports(plans, as_json, "".join(format_plan(p) for p in plans))

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ConfigError, DmzctlError
-from . import (ConfigArgs, ConnectOpt, VmOpt, app, each_dmz, firewall_app, load_configs, print_outcome, run, say,
-               settings_of)
+from . import (ConfigArgs, ConnectOpt, JsonOpt, VmOpt, app, each_dmz, firewall_app, load_configs, print_outcome, run,
+               run_outcomes, say, settings_of)
 
 
 @app.command()
@@ -22,14 +22,14 @@ def up(
         "--no-hooks", help="Do not install libvirt's hooks (then virsh or virt-manager can start a VM "
                            "without its firewall table; status and check report it)")] = False,
     connect: ConnectOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Bring DMZs up: hooks, network, filters, firewall, then the VMs (never a VM without its firewall)."""
     from ..ops import lifecycle
 
     settings = settings_of(ctx, connect)
-    run(lambda: each_dmz(settings, configs, lambda virt, dmz: print_outcome(
-        lifecycle.up(virt, dmz, settings, vm, restart_changed, say=say, hooks=not no_hooks), "up")),
-        settings.debug)
+    run_outcomes(settings, configs, as_json, "up", lambda virt, dmz, talk: lifecycle.up(
+        virt, dmz, settings, vm, restart_changed, say=talk, hooks=not no_hooks))
 
 
 TimeoutOpt = Annotated[Optional[float], typer.Option(
@@ -50,19 +50,15 @@ def down(
     keep_network: Annotated[bool, typer.Option(
         "--keep-network", help="Stop the VMs but keep network and firewall up")] = False,
     connect: ConnectOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Halt: ACPI shutdown of the VMs (destroy after the timeout), stop the network, remove the firewall.
     The definitions stay (virt-manager shows the VMs "Shut off"); `destroy` removes them."""
     from ..ops import lifecycle
 
     settings = settings_of(ctx, connect)
-
-    def action():
-        _check_timeout(timeout)
-        each_dmz(settings, configs, lambda virt, dmz: print_outcome(
-            lifecycle.down(virt, dmz, settings, vm, timeout, keep_network, say=say), "down"))
-
-    run(action, settings.debug)
+    run_outcomes(settings, configs, as_json, "down", lambda virt, dmz, talk: lifecycle.down(
+        virt, dmz, settings, vm, timeout, keep_network, say=talk), before=lambda: _check_timeout(timeout))
 
 
 @app.command()
@@ -76,6 +72,7 @@ def destroy(
     yes: Annotated[bool, typer.Option(
         "--yes", help="Do not ask before deleting volumes (needed without a terminal)")] = False,
     connect: ConnectOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Halt as `down` does, then remove the definitions: VMs, nwfilters, network (all of the DMZ, or
     only --vm's). Volumes are kept unless --delete-volumes."""
@@ -83,15 +80,14 @@ def destroy(
 
     settings = settings_of(ctx, connect)
 
-    def action():
+    def before():
         _check_timeout(timeout)
         if delete_volumes and not yes:
             for dmz in load_configs(configs):  # every DMZ asked before any is touched
                 confirm_volume_deletion(dmz, vm)
-        each_dmz(settings, configs, lambda virt, dmz: print_outcome(
-            teardown.destroy(virt, dmz, settings, vm, timeout, delete_volumes, say=say), "destroy"))
 
-    run(action, settings.debug)
+    run_outcomes(settings, configs, as_json, "destroy", lambda virt, dmz, talk: teardown.destroy(
+        virt, dmz, settings, vm, timeout, delete_volumes, say=talk), before=before)
 
 
 def confirm_volume_deletion(dmz, only: Optional[list[str]]) -> None:
@@ -135,13 +131,14 @@ def restart(
 
 
 @app.command()
-def kill(ctx: typer.Context, configs: ConfigArgs = None, vm: VmOpt = None, connect: ConnectOpt = None) -> None:
+def kill(ctx: typer.Context, configs: ConfigArgs = None, vm: VmOpt = None, connect: ConnectOpt = None,
+         as_json: JsonOpt = False) -> None:
     """Destroy the VMs now, without waiting for the guest (the original's forcekill)."""
     from ..ops import lifecycle
 
     settings = settings_of(ctx, connect)
-    run(lambda: each_dmz(settings, configs, lambda virt, dmz: print_outcome(
-        lifecycle.kill(virt, dmz, settings, vm, say), "kill")), settings.debug)
+    run_outcomes(settings, configs, as_json, "kill", lambda virt, dmz, talk: lifecycle.kill(
+        virt, dmz, settings, vm, talk))
 
 
 @app.command()

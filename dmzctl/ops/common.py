@@ -26,15 +26,25 @@ Say = Callable[[str], None]
 
 @dataclass
 class Outcome:
-    """What one command did to one DMZ, for the CLI to print."""
+    """What one command did to one DMZ, for the CLI to print.
+
+    `refreshed` are the other DMZs' tables the run re-applied because the host's networks had
+    changed: changes to the host, not to this DMZ (`changed` is about this DMZ alone, so that
+    a tool running `up` for each DMZ in turn sees each one's own answer)."""
 
     dmz: str
     say: Optional[Say] = None  # told of each change as it happens
     changes: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
+    refreshed: list[str] = field(default_factory=list)
 
     def change(self, what: str) -> None:
         self.changes.append(what)
+        if self.say is not None:
+            self.say(f"{self.dmz}: {what}")
+
+    def refresh(self, what: str) -> None:
+        self.refreshed.append(what)
         if self.say is not None:
             self.say(f"{self.dmz}: {what}")
 
@@ -43,7 +53,8 @@ class Outcome:
         return bool(self.changes)
 
     def to_dict(self) -> dict:
-        return {"dmz": self.dmz, "changed": self.changed, "changes": self.changes, "pending": self.pending}
+        return {"dmz": self.dmz, "changed": self.changed, "changes": self.changes, "pending": self.pending,
+                "refreshed": self.refreshed}
 
 
 class Undo:
@@ -184,6 +195,6 @@ def bridge_netfilter_warnings(dmz: DMZ) -> list[str]:
 
 def summary_lines(outcome: Outcome, verb: str) -> list[str]:
     """What a command says after its changes (each was said as it happened): pending, or nothing to do."""
-    if not outcome.changes and not outcome.pending:
+    if not outcome.changes and not outcome.refreshed and not outcome.pending:
         return [f"{outcome.dmz}: {verb}: nothing to change"]
     return [f"{outcome.dmz}: PENDING: {pending}" for pending in outcome.pending]

@@ -191,7 +191,7 @@ def fix(virt: Virt, dmz: DMZ, result: DMZCheck, settings: Settings, say: Callabl
             outcome = lifecycle.up(virt, dmz, settings, say=lambda message: None)
             # The config no longer names them: stopped and undefined, as `destroy` would (disks stay).
             teardown.remove_domains(virt, dmz, strays, settings, outcome, say=lambda message: None)
-            changes = outcome.changes + [f"PENDING: {p}" for p in outcome.pending]
+            changes = outcome.changes + outcome.refreshed + [f"PENDING: {p}" for p in outcome.pending]
     except DmzctlError as failure:
         error = str(failure)
     again = check_dmz(virt, dmz, settings)

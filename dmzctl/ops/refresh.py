@@ -60,7 +60,7 @@ def _refresh_table(other: DMZ, view, outcome: Outcome, settings: Settings, by: s
     if nft.canonical(nft.list_table(table)) == nft.kernel_form(batch, table):
         return
     nft.apply(batch)
-    outcome.change(f"firewall table inet {table} of DMZ {other.name} refreshed (the host's networks changed)")
+    outcome.refresh(f"firewall table inet {table} of DMZ {other.name} refreshed (the host's networks changed)")
     events.record(settings.event_log, f"dmz={other.name} firewall table {table} refreshed by dmzctl of {by}")
 
 
@@ -74,4 +74,4 @@ def _refresh_block_filters(virt: Virt, other: DMZ, view, outcome: Outcome) -> No
             live = virt.nwfilter_xml(name)
             if live is not None and not same_filter(live, element):
                 virt.define_nwfilter(to_string(element))
-                outcome.change(f"nwfilter {name} of DMZ {other.name} refreshed (the host's addresses changed)")
+                outcome.refresh(f"nwfilter {name} of DMZ {other.name} refreshed (the host's addresses changed)")
