@@ -95,6 +95,7 @@ def _up_network(virt: Virt, desired: DesiredDMZ, observed: Observed, outcome: Ou
             undo.add(f"network {name} start", lambda: virt.stop_network(name))
     elif decision.autostart:
         virt.start_network(name)
+        outcome.change(f"network {name} marked autostart")
 
 
 def _up_nwfilters(virt: Virt, desired: DesiredDMZ, observed: Observed, outcome: Outcome, undo: Undo) -> None:
@@ -143,6 +144,7 @@ def _up_domain(virt: Virt, desired: DesiredDMZ, observed: Observed, name: str, r
                                f"(dmzctl up --restart-changed)")
     if virt.domain_info(name).autostart != vm.autostart:
         virt.set_autostart(name, vm.autostart)
+        outcome.change(f"VM {name} autostart {'on' if vm.autostart else 'off'}")
     return not virt.is_running(name)
 
 
