@@ -79,6 +79,39 @@ def test_role_packages_are_setup_packages():
     assert role and set(role) <= listed, set(role) - listed
 
 
+def ansible_env(tmp_path: Path) -> dict:
+    return {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(ROOT / "ansible"), "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-local"), "ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-remote")}
+
+
+def test_module_documents_exactly_its_options(tmp_path):
+    """ansible-doc reads the module's DOCUMENTATION; its options are the argument_spec's (what
+    ansible-test's validate-modules checks, which needs a download to run)."""
+    result = subprocess.run([str(BIN / "ansible-doc"), "-t", "module", "dmzctl.libvirt.dmz", "--json"],
+                            capture_output=True, text=True, env=ansible_env(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)["dmzctl.libvirt.dmz"]["doc"]
+    source = (COLLECTION / "plugins" / "modules" / "dmz.py").read_text()
+    spec = source[source.index("argument_spec=dict("):source.index("mutually_exclusive")]
+    assert sorted(doc["options"]) == sorted(re.findall(r"^ {12}(\w+)=dict\(", spec, re.M))
+
+
+# ansible-test's sanity tests that need no virtual environment of their own; the others
+# (validate-modules, pylint, pep8, yamllint, import, ansible-doc, runtime-metadata) bootstrap
+# pip from ci-files.testing.ansible.com first, which an offline host cannot reach.
+OFFLINE_SANITY = ["action-plugin-docs", "compile", "empty-init", "line-endings", "no-assert", "no-get-exception",
+                  "no-illegal-filenames", "no-smart-quotes", "replace-urlopen", "shebang", "symlinks",
+                  "use-argspec-type-path", "use-compat-six"]
+
+
+def test_ansible_test_sanity_offline(tmp_path):
+    tests = [word for name in OFFLINE_SANITY for word in ("--test", name)]
+    result = subprocess.run([str(BIN / "ansible-test"), "sanity", "--python", "3.11", *tests], cwd=COLLECTION,
+                            capture_output=True, text=True, env=ansible_env(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ERROR" not in result.stdout + result.stderr
+
+
 # --- playbooks on this host ------------------------------------------------------------
 
 def playbook(tmp_path: Path, tasks: list[dict], *options: str, play: dict | None = None) -> dict:
