@@ -96,6 +96,22 @@ def test_module_documents_exactly_its_options(tmp_path):
     assert sorted(doc["options"]) == sorted(re.findall(r"^ {12}(\w+)=dict\(", spec, re.M))
 
 
+@pytest.mark.parametrize("command", ["up", "down", "destroy", "kill"])
+def test_json_outcome_of_a_failure_is_one_document(tmp_path, command):
+    """What the module reads: the error as one JSON line on stdout, with dmzctl's exit code; all
+    the config's problems on that one line."""
+    bad = tmp_path / "ans-bad.toml"
+    bad.write_text('[dmz]\nname = "ans-bad"\ngateway = "nonsense"\nprotected = 3\n')
+    for path, code in ((tmp_path / "absent.toml", 2), (bad, 2)):
+        result = subprocess.run([str(DMZCTL), command, "--json", str(path)], capture_output=True, text=True,
+                                timeout=120)
+        document = json.loads(result.stdout)
+        assert result.returncode == code == document["exit_code"], result
+        assert document["changed"] is False and document["dmzs"] == []
+        assert "\n" not in document["error"] and str(path) in document["error"], document
+    assert document["error"].count(str(bad)) >= 2, document  # both problems, on one line
+
+
 # ansible-test's sanity tests that need no virtual environment of their own; the others
 # (validate-modules, pylint, pep8, yamllint, import, ansible-doc, runtime-metadata) bootstrap
 # pip from ci-files.testing.ansible.com first, which an offline host cannot reach.
