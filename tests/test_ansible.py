@@ -218,7 +218,8 @@ def test_playbook_changed_ok_check_repair_down_destroyed(tmp_path, owned):
     assert changed(first) == 1, task_result(first)
     assert "VM ans-web1 started" in " ".join(task_result(first)["changes"])
     assert tomllib.loads(path.read_text())["dmz"]["name"] == name
-    assert dmzctl_json("status", str(path))[0]["verdict"] == "OK"
+    status = dmzctl_json("status", str(path))[0]
+    assert status["verdict"] == "OK", status["differences"]
 
     second = playbook(tmp_path, [dmz_task(name, config_dir, config=config)])
     assert changed(second) == 0 and stats(second)["ok"] == 1, task_result(second)
