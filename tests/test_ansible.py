@@ -79,6 +79,31 @@ def test_role_packages_are_host_packages():
     assert role == listed
 
 
+def test_readme_many_hosts_example_is_a_valid_config(tmp_path):
+    """The README's group_vars of DMZs, written by the module's TOML writer, is a config dmzctl accepts;
+    its playbook passes ansible-playbook's syntax check."""
+    import yaml
+
+    section = (ROOT / "README.md").read_text().split("## Many hosts", 1)[1]
+    found = re.findall(r"```(\w*)\n(.*?)```", section, re.S)
+    blocks = {"ini": next(text for language, text in found if language == "ini"),
+              "yaml": next(text for language, text in found if language == "yaml" and "dmzs:" in text),
+              "play": next(text for language, text in found if language == "yaml" and "hosts:" in text)}
+    dmz = yaml.safe_load(blocks["yaml"])["dmzs"][0]
+    config = dict(dmz["config"], dmz={"name": dmz["name"], **dmz["config"]["dmz"]})
+    (tmp_path / "web.toml").write_text(dumps(config))
+    result = subprocess.run([str(DMZCTL), "validate", str(tmp_path / "web.toml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "inventory.ini").write_text(blocks["ini"])
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "group_vars" / "dmzhosts.yml").write_text(blocks["yaml"])
+    (tmp_path / "site.yml").write_text(blocks["play"])
+    result = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.ini"),
+                             str(tmp_path / "site.yml"), "--syntax-check"], capture_output=True, text=True,
+                            env=ansible_env(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def ansible_env(tmp_path: Path) -> dict:
     return {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(ROOT / "ansible"), "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-local"), "ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-remote")}
@@ -223,8 +248,10 @@ def test_playbook_changed_ok_check_repair_down_destroyed(tmp_path, owned):
     assert changed(first) == 1, task_result(first)
     assert "VM ans-web1 started" in " ".join(task_result(first)["changes"])
     assert tomllib.loads(path.read_text())["dmz"]["name"] == name
+    # Not the verdict: the VM's -block nwfilter lists the host's addresses, which other tests on a
+    # shared host change at any moment (dmzctl up re-renders it; the second run below would say so).
     status = dmzctl_json("status", str(path))[0]
-    assert status["verdict"] == "OK", status["differences"]
+    assert (status["network"], status["firewall"], status["vms"][0]["state"]) == ("active", "in sync", "running"), status
 
     second = playbook(tmp_path, [dmz_task(name, config_dir, config=config)])
     assert changed(second) == 0 and stats(second)["ok"] == 1, task_result(second)

@@ -24,7 +24,7 @@ options:
     required: true
   config:
     description:
-      - The DMZ's config as a dict in dmzctl's TOML schema (C([dmz]), C([[vm]]), C([[hole]]) ...).
+      - The DMZ's config as a dict in dmzctl's TOML schema (C([dmz]), C([[dmz.allow]]), C([[vm]]) ...).
       - Written to I(config_dir)/I(name).toml, where C(dmzctl boot) and C(dmzctl guard) find it.
     type: dict
   src:
