@@ -248,10 +248,11 @@ def test_playbook_changed_ok_check_repair_down_destroyed(tmp_path, owned):
     assert changed(first) == 1, task_result(first)
     assert "VM ans-web1 started" in " ".join(task_result(first)["changes"])
     assert tomllib.loads(path.read_text())["dmz"]["name"] == name
-    # Not the verdict: the VM's -block nwfilter lists the host's addresses, which other tests on a
-    # shared host change at any moment (dmzctl up re-renders it; the second run below would say so).
+    # Not the verdict, nor "in sync": the table and the VM's -block nwfilter follow the host's networks
+    # and addresses, which other tests on a shared host change at any moment (up re-renders them).
     status = dmzctl_json("status", str(path))[0]
-    assert (status["network"], status["firewall"], status["vms"][0]["state"]) == ("active", "in sync", "running"), status
+    assert status["network"] == "active" and status["vms"][0]["state"] == "running", status
+    assert status["firewall"] != "absent", status
 
     second = playbook(tmp_path, [dmz_task(name, config_dir, config=config)])
     assert changed(second) == 0 and stats(second)["ok"] == 1, task_result(second)
