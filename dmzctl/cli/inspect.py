@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ConfigError
-from . import (ConfigArgs, ConnectOpt, VmOpt, _one_dmz, app, load_configs, print_reports, run, say,
+from . import (ConfigArgs, ConnectOpt, VmOpt, _one_dmz, app, load_configs, print_reports, run, say, say_err,
                settings_of)
 
 
@@ -152,7 +152,7 @@ def verify(
             raise ConfigError(["--timeout: must be more than 0 and at most 60 seconds"])
         reports = []
         for dmz in load_configs(configs):
-            with dmz_lock(settings.run_dir, dmz.name, say=say):
+            with dmz_lock(settings.run_dir, dmz.name, say=say_err if as_json else say):
                 quiet = (lambda m: None) if as_json else say
                 if from_outside:
                     from ..verify.outside import verify_outside

@@ -128,8 +128,9 @@ class Dmzctl:
                   for line in err.splitlines() if line.startswith("dmzctl: ")]
         if isinstance(document, dict) and document.get("error"):
             errors = [document["error"]]
-        if rc != 0 and not errors:
-            errors = [(err.strip().splitlines() or out.strip().splitlines() or ["exit %d" % rc])[-1]]
+        if (rc != 0 or document is None) and not errors:
+            said = (err.strip().splitlines() or out.strip().splitlines() or ["exit %d" % rc])[-1]
+            errors = ["dmzctl %s gave no JSON document (exit %d): %s" % (args[0], rc, said)]
         return rc, document, self.message("; ".join(errors))
 
     def must(self, *args, **kwargs):
