@@ -982,7 +982,7 @@ class Bench:
 
     def bench_status(self) -> None:
         from dmzctl.host.lock import dmz_lock
-        from dmzctl.ops import inspect as status, lifecycle
+        from dmzctl.ops import inspect as status, lifecycle, teardown
 
         self.ensure_clean()
         remove_serial_log()
