@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,6 +17,7 @@ from typing import Callable, Optional
 from ..config import DMZ
 from ..errors import ConfigError, DmzctlError, HostError
 from ..host import nft
+from ..host.atomic import write_atomically
 from ..host.virt import Virt
 from ..metrics import DMZMetrics, GuardInfo, read_counters, registry_of, text
 from ..render.nft import table_name
@@ -104,22 +104,6 @@ def gather(dmzs: list[DMZ], settings: Settings, restores: Optional[Callable[[], 
 
 def metrics_text(dmzs: list[DMZ], settings: Settings) -> str:
     return text(*gather(dmzs, settings))
-
-
-def write_atomically(path: Path, content: str) -> None:
-    """A temporary file in the same directory, then a rename: readers see the old file or the new one."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w") as out:
-                out.write(content)
-            os.chmod(scratch, 0o644)
-            os.replace(scratch, path)
-        finally:
-            Path(scratch).unlink(missing_ok=True)
-    except OSError as error:
-        raise HostError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def write_textfile(directory: Path, content: str) -> Path:

@@ -7,13 +7,11 @@ The file is Report.to_dict() plus `finished_at` (ISO 8601, UTC) and `dmzctl_vers
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from ..errors import HostError
+from ..host.atomic import write_atomically
 
 
 def record_path(state_dir: Path, dmz_name: str) -> Path:
@@ -27,19 +25,7 @@ def record(report, state_dir: Path, finished_at: Optional[datetime] = None) -> P
     finished_at = finished_at or datetime.now(timezone.utc)
     data = dict(report.to_dict(), finished_at=finished_at.isoformat(timespec="seconds"), dmzctl_version=__version__)
     path = record_path(state_dir, report.dmz)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, scratch = tempfile.mkstemp(prefix=f".{report.dmz}.", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w") as out:
-                json.dump(data, out, indent=1)
-                out.write("\n")
-            os.chmod(scratch, 0o644)
-            os.replace(scratch, path)
-        finally:
-            Path(scratch).unlink(missing_ok=True)
-    except OSError as error:
-        raise HostError(f"cannot record verify's results in {path}: {error.strerror or error}") from None
+    write_atomically(path, json.dumps(data, indent=1) + "\n", failure="cannot record verify's results in")
     return path
 
 
