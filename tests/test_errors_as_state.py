@@ -80,3 +80,32 @@ def test_a_libvirt_error_that_escapes_is_one_line_and_exit_3(capsys):
     assert exited.value.exit_code == 3
     err = capsys.readouterr().err
     assert err == "dmzctl: libvirt: end of file while reading data\n"
+
+
+@pytest.mark.parametrize("uri, host", [("qemu+ssh://kvm1.invalid/system", "kvm1.invalid"),
+                                       ("qemu+tcp://192.0.2.77/system", "192.0.2.77"),
+                                       ("qemu:///system", None), ("qemu+ssh://localhost/system", None),
+                                       ("qemu+unix:///system?socket=/run/x", None)])
+def test_a_remote_libvirt_uri_is_named(uri, host):
+    from dmzctl.host.uri import remote_host
+
+    assert remote_host(uri) == host
+
+
+def test_a_remote_uri_is_refused_before_connecting(monkeypatch, tmp_path):
+    """dmzctl applies the tables where it runs: with the VMs on another host they would be unguarded.
+    Refused before libvirt.open is called, so no packet leaves for that host."""
+    opened = []
+    monkeypatch.setattr(libvirt, "open", lambda uri: opened.append(uri))
+    with pytest.raises(HostError, match=r"another host \(kvm1.invalid\).*run dmzctl on kvm1.invalid itself"):
+        Virt("qemu+ssh://kvm1.invalid/system")
+    assert opened == []
+    config = tmp_path / "x.toml"
+    config.write_text('[dmz]\nname = "x"\ngateway = "10.209.0.1/24"\nprotected = ["10.209.1.0/24"]\n')
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli.app, ["status", "-c", "qemu+ssh://kvm1.invalid/system", str(config)])
+    assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is another host (kvm1.invalid)" in lines[0], result.output
+    assert opened == []

@@ -19,6 +19,7 @@ from lxml import etree
 from ..errors import HostError
 from .objects import DomainInfo, NetworkInfo, describe, digest_of, owner_of, state_name
 from .storage import StorageMixin
+from .uri import refuse_remote
 
 try:
     import libvirt
@@ -64,6 +65,7 @@ class Virt(StorageMixin):
         if libvirt is None:
             raise HostError("the libvirt Python binding is missing: apt-get install python3-libvirt "
                             "(and use a venv made with --system-site-packages)")
+        refuse_remote(uri)
         _silence_libvirt()
         _start_event_loop()
         self.uri = uri
