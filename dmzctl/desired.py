@@ -51,7 +51,7 @@ def build(dmz: DMZ, facts: HostFacts = HostFacts(), view: HostView = HostView())
     nwfilters: dict[str, etree._Element] = {CLEAN_TRAFFIC: clean_traffic_filter()}
     domains: dict[str, etree._Element] = {}
     for vm in dmz.vms:
-        nwfilters.update(render_nwfilters(dmz, vm, view.addresses))
+        nwfilters.update(render_nwfilters(dmz, vm))
         base = load_base(vm.domain_xml) if vm.domain_xml else load_base(xml_dir() / "domain.xml")
         domains[vm.name] = render_domain(dmz, vm, facts, base=base)
         stamp_digest(domains[vm.name])

@@ -51,7 +51,7 @@ class HostView:
     """The host's networks, read when the table is rendered; empty when unknown (pure rendering)."""
 
     networks: tuple[HostNetwork, ...] = ()
-    addresses: tuple = ()  # the host's own addresses (global scope), for the per-VM nwfilter
+    addresses: tuple = ()  # the host's own addresses (global scope): a change wakes the guard
 
 
 @dataclass(frozen=True)

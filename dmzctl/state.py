@@ -79,7 +79,7 @@ def observe_storage(virt: Virt, desired: DesiredDMZ) -> tuple[dict, dict, dict]:
 
 
 def observe_table(desired: DesiredDMZ) -> TableState:
-    live = nft.canonical(nft.list_table(desired.table))
+    live = nft.canonical(nft.list_firewall(desired.table))
     want = nft.kernel_form(apply_batch(desired.dmz, desired.blocks), desired.table) if live is not None else None
     return TableState(live, want)
 
@@ -137,8 +137,8 @@ def diff(desired: DesiredDMZ, observed: Observed) -> list[Difference]:
 
 
 # What a halted DMZ shows instead: one "down" difference; differences of its definitions stay. Its
-# nwfilters are left out: they list the host's addresses, which change while it is down, and `up`
-# re-renders them before any of its VMs starts.
+# nwfilters are left out: an upgrade may render them differently while it is down (issue 14 moved
+# the host-address block to the backstop table), and `up` re-renders them before any VM starts.
 HALTED_KINDS = frozenset({"network-inactive", "table-missing", "vm-not-running", "nwfilter-differs"})
 
 

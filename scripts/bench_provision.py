@@ -180,6 +180,14 @@ def rename_table(batch: Any, old: str, new: str) -> Any:
     return new if batch == old else batch
 
 
+def without_backstop(batch: dict) -> dict:
+    """The batch without dmzctl's second table (render/nft_backstop.py): by hand, one table."""
+    def backstop(command: dict) -> bool:
+        body = next(iter(next(iter(command.values())).values()), {}) if isinstance(command, dict) else {}
+        return isinstance(body, dict) and str(body.get("table", body.get("name", ""))).endswith(".backstop")
+    return {"nftables": [c for c in batch["nftables"] if "metainfo" in c or not backstop(c)]}
+
+
 def dmzctl_config(guest: Guest, public_key: str) -> str:
     """The whole dmzctl way: one file, with issue 11's provisioning fields."""
     return f"""[dmz]
@@ -484,7 +492,7 @@ class Bench:
             source = self.workdir / "bvi.toml"
             source.write_text(firewall_source_config(self.guest))
             batch = json.loads(self.dmzctl("render", "--what", "nft", str(source)).stdout)
-            self.nft_json = json.dumps(rename_table(batch, "dmzctl-bvi", VI.table), indent=2) + "\n"
+            self.nft_json = json.dumps(rename_table(without_backstop(batch), "dmzctl-bvi", VI.table), indent=2) + "\n"
             self.nft_listing = nft_syntax(self.nft_json, self.workdir)
         if "dmzctl" in self.ways:
             config = self.dmzctl_config_path()

@@ -110,4 +110,5 @@ def wipe(dmz: str, vms: list[str]) -> None:
         subprocess.run(["virsh", "-q", "nwfilter-undefine", name], capture_output=True)
     subprocess.run(["virsh", "-q", "net-destroy", dmz], capture_output=True)
     subprocess.run(["virsh", "-q", "net-undefine", dmz], capture_output=True)
-    subprocess.run(["nft", "delete", "table", "inet", f"dmzctl-{dmz}"], capture_output=True)
+    for table in (f"dmzctl-{dmz}", f"dmzctl-{dmz}.backstop"):
+        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)

@@ -353,7 +353,7 @@ def dmz_down(dmz) -> None:
     from dmzctl.host import nft
     from dmzctl.render.nft import delete_batch, table_name
 
-    if nft.table_exists(table_name(dmz)):
+    if nft.firewall_exists(table_name(dmz)):
         nft.apply(delete_batch(table_name(dmz)))
 
 
@@ -361,7 +361,7 @@ def dmz_exists(dmz) -> bool:
     from dmzctl.host import nft
     from dmzctl.render.nft import table_name
 
-    return Path(f"/sys/class/net/{dmz.bridge}").exists() or nft.table_exists(table_name(dmz))
+    return Path(f"/sys/class/net/{dmz.bridge}").exists() or nft.firewall_exists(table_name(dmz))
 
 
 def reapply_table(dmz) -> None:

@@ -220,8 +220,7 @@ def nft_table_exists(name: str) -> bool:
 
 
 def rendered(path: Path) -> str:
-    """What `up` makes of the config on this host now: the table and the -block nwfilters follow the
-    host's networks and addresses."""
+    """What `up` makes of the config on this host now: the table follows the host's networks."""
     result = subprocess.run([str(DMZCTL), "render", str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -230,7 +229,7 @@ def rendered(path: Path) -> str:
 def run_on_a_still_host(tmp_path: Path, tasks: list[dict], path: Path, view: str | None = None) -> dict:
     """A run that must change nothing after one that made the DMZ as configured (view: what the config
     rendered to after that one). On a shared host other tests add and remove bridges at any time, and
-    dmzctl then rightly re-renders the table and the -block filters: only a run with the rendering the
+    dmzctl then rightly re-renders the table: only a run with the rendering the
     same before and after it is judged. Another run is made when the host moved (never more than three)."""
     for _ in range(3):
         start = rendered(path)
@@ -273,8 +272,8 @@ def test_playbook_changed_ok_check_repair_down_destroyed(tmp_path, owned):
     assert changed(first) == 1, task_result(first)
     assert "VM ans-web1 started" in " ".join(task_result(first)["changes"])
     assert tomllib.loads(path.read_text())["dmz"]["name"] == name
-    # Not the verdict, nor "in sync": the table and the VM's -block nwfilter follow the host's networks
-    # and addresses, which other tests on a shared host change at any moment (up re-renders them).
+    # Not the verdict, nor "in sync": the table follows the host's networks, which other tests on a
+    # shared host change at any moment (up re-renders it).
     status = dmzctl_json("status", str(path))[0]
     assert status["network"] == "active" and status["vms"][0]["state"] == "running", status
     assert status["firewall"] != "absent", status

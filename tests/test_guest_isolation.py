@@ -406,7 +406,7 @@ def test_the_uplink_subnet_is_blocked_without_being_listed(world):
 
 
 # The host's own services, seen from the guest with the table deleted: what reaches the host's stack
-# answers (a TCP reset, ICMP port unreachable, an echo reply); what the nwfilter drops stays silent.
+# answers (a TCP reset, ICMP port unreachable, an echo reply); what the backstop drops stays silent.
 HOST_PROBES = [
     ("tcp to the gateway", "nc -w 2 10.243.0.1 7080 </dev/null; echo rc=$?"),
     ("tcp to the host's LAN address", "nc -w 2 10.244.0.1 7080 </dev/null; echo rc=$?"),
@@ -416,7 +416,9 @@ HOST_PROBES = [
 ]
 
 
-def test_nwfilters_alone_block_the_lan_and_the_host_when_the_table_is_deleted(world):
+def test_the_backstop_alone_blocks_the_lan_and_the_host_when_the_table_is_deleted(world):
+    """The second, independent layer: the backstop table (render/nft_backstop.py), with the main
+    table deleted under the running VM."""
     subprocess.run(["nft", "delete", "table", "inet", "dmzctl-gi"], check=True)
     try:
         for what, command in HOST_PROBES:
@@ -446,27 +448,15 @@ def test_nwfilters_alone_block_the_lan_and_the_host_when_the_table_is_deleted(wo
         dmzctl("firewall", "up", str(world["config"]), check=True)
 
 
-def test_host_probes_have_teeth_without_the_nwfilter_host_rules(world):
-    """The same probes, with the table deleted and the host rules taken out of the VM's block filter:
-    the host answers each of them at once. So the silence above is the nwfilter's doing."""
-    name = f"dmzctl-{DMZ}-{VM}-block"
-    original = sh("virsh", "-q", "nwfilter-dumpxml", name).stdout
-    from lxml import etree
-
-    stripped = etree.fromstring(original.encode())
-    for rule in stripped.findall("rule"):
-        if rule.get("priority") == "350":  # the host's addresses (render/nwfilter.py)
-            stripped.remove(rule)
+def test_host_probes_have_teeth_without_either_table(world):
+    """The same probes with the table and its backstop both deleted: the host answers each of them at
+    once. So the silence above is the backstop's doing (the VM's nwfilter is layer 2 only)."""
     subprocess.run(["nft", "delete", "table", "inet", "dmzctl-gi"], check=True)
-    path = world["config"].parent / "block-without-host.xml"
+    subprocess.run(["nft", "delete", "table", "inet", "dmzctl-gi.backstop"], check=True)
     try:
-        path.write_bytes(etree.tostring(stripped))
-        sh("virsh", "-q", "nwfilter-define", str(path))
         answered = []
-        # The host's LAN address lies inside the protected subnet: the protected rule drops those too.
-        only_host_rules = [(what, command) for what, command in HOST_PROBES if "LAN address" not in what]
-        for what, command in only_host_rules:
-            for _ in range(3):  # the rebuilt filter takes a moment on the running NIC
+        for what, command in HOST_PROBES:
+            for _ in range(3):
                 began = time.monotonic()
                 rc, out = in_guest(VM_IP, command)
                 fast = time.monotonic() - began < 1.5
@@ -474,10 +464,8 @@ def test_host_probes_have_teeth_without_the_nwfilter_host_rules(world):
                     answered.append(what)
                     break
                 time.sleep(0.5)
-        assert answered == [what for what, _ in only_host_rules], answered
+        assert answered == [what for what, _ in HOST_PROBES], answered
     finally:
-        path.write_text(original)
-        sh("virsh", "-q", "nwfilter-define", str(path))
         dmzctl("firewall", "up", str(world["config"]), check=True)
 
 

@@ -193,9 +193,9 @@ def test_down_powers_off_by_acpi_and_keeps_the_definitions_destroy_removes_them(
     assert "Active:         no" in virsh("net-info", "lcdn").stdout
     assert sorted(leftovers("lcdn", ["lcdn-web", "lcdn-db"])) == sorted(
         ["domain lcdn-web", "domain lcdn-db", "network lcdn"] + [
-            f"nwfilter dmzctl-lcdn-{vm}{suffix}" for vm in ("lcdn-web", "lcdn-db")
-            for suffix in ("", "-guard4", "-block", "-spoof6", "-guard6")])
-    assert subprocess.run(["nft", "list", "table", "inet", "dmzctl-lcdn"], capture_output=True).returncode != 0
+            f"nwfilter dmzctl-lcdn-{vm}" for vm in ("lcdn-web", "lcdn-db")])
+    for table in ("dmzctl-lcdn", "dmzctl-lcdn.backstop"):
+        assert subprocess.run(["nft", "list", "table", "inet", table], capture_output=True).returncode != 0
     status = dmzctl("status", str(config), "--json")
     report = json.loads(status.stdout)[0]
     assert status.returncode == 1 and report["verdict"] == "DOWN (defined, not running)", status.stdout
@@ -358,22 +358,30 @@ def test_two_runs_on_one_dmz_do_not_interleave(make_dmz, tmp_path, monkeypatch):
     assert released.is_set()
 
 
-def test_another_dmz_coming_and_going_refreshes_this_dmz_s_host_address_filter(make_dmz, tmp_path):
-    """The per-VM filter lists the host's addresses; another DMZ's gateway is a new one, and its up says so."""
+def test_another_dmz_coming_and_going_leaves_this_dmz_s_filters_alone(make_dmz, tmp_path):
+    """No VM filter lists the host's addresses (the backstop table drops new flows to the host
+    whatever its address): another DMZ's gateway, a new host address, redefines none of this DMZ's
+    filters, which libvirt would re-instantiate one command at a time. This DMZ's table follows the
+    new subnet, and the backstop drops new flows to the new gateway with no change at all."""
     config = make_dmz("lcnf", [("lcnf-web", "10.241.0.60")])
     dmzctl("up", str(config), check=True)
+    before = virsh("nwfilter-dumpxml", "dmzctl-lcnf-lcnf-web").stdout
+    backstop = subprocess.run(["nft", "list", "table", "inet", "dmzctl-lcnf.backstop"], capture_output=True,
+                              text=True, check=True).stdout
     other = tmp_path / "lcnf2.toml"
     other.write_text('[dmz]\nname = "lcnf2"\ngateway = "10.248.0.1/24"\nprotected = ["10.248.128.0/24"]\n')
     wipe("lcnf2", [])
     try:
         up = dmzctl("up", str(other), check=True)
-        assert "nwfilter dmzctl-lcnf-lcnf-web-block of DMZ lcnf refreshed" in up.stdout, up.stdout
-        block = virsh("nwfilter-dumpxml", "dmzctl-lcnf-lcnf-web-block").stdout
-        assert "10.248.0.1" in block, block
+        assert "firewall table inet dmzctl-lcnf of DMZ lcnf refreshed" in up.stdout, up.stdout
+        assert "nwfilter dmzctl-lcnf" not in up.stdout, up.stdout
+        assert virsh("nwfilter-dumpxml", "dmzctl-lcnf-lcnf-web").stdout == before
+        assert subprocess.run(["nft", "list", "table", "inet", "dmzctl-lcnf.backstop"], capture_output=True,
+                              text=True, check=True).stdout == backstop
         assert dmzctl("status", str(config)).returncode == 0, dmzctl("status", str(config)).stdout
         gone = dmzctl("destroy", str(other), check=True)
-        assert "nwfilter dmzctl-lcnf-lcnf-web-block of DMZ lcnf refreshed" in gone.stdout, gone.stdout
-        assert "10.248.0.1" not in virsh("nwfilter-dumpxml", "dmzctl-lcnf-lcnf-web-block").stdout
+        assert "nwfilter dmzctl-lcnf" not in gone.stdout, gone.stdout
+        assert virsh("nwfilter-dumpxml", "dmzctl-lcnf-lcnf-web").stdout == before
     finally:
         dmzctl("destroy", str(other), "--timeout", "0")
         wipe("lcnf2", [])

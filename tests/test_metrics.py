@@ -259,6 +259,8 @@ def test_real_drops_move_the_right_counters(site, tmp_path):
     assert value(now, "dmzctl_hole_accepted_packets_total", dmz="mt-m", hole="allow[1]") > \
         value(was, "dmzctl_hole_accepted_packets_total", dmz="mt-m", hole="allow[1]")
     assert _dropped(now, "to-protected") == _dropped(was, "to-protected")
+    # The backstop's counters are there, and still: the main table dropped everything first.
+    assert _dropped(now, "backstop-protected") == 0 and _dropped(now, "backstop-host") == 0
 
 
 def _step(site, env, specs, attempts: int = 3) -> tuple[dict, dict]:

@@ -94,21 +94,23 @@ def test_plan_is_what_up_does_nothing_when_unchanged_and_exactly_an_edit(make_dm
                       .replace('protected = ["10.252.0.0/25"', 'protected = ["10.252.0.0/25", "10.252.0.192/26"'))
     plan = json.loads(dmzctl("plan", str(config), "--json", check=True).stdout)[0]["changes"]
     assert [(c["kind"], c["name"], c["action"]) for c in plan] == [
-        ("nwfilter", "dmzctl-pcpl-pc-web-block", "update"),
         ("firewall", "inet dmzctl-pcpl", "update"),
         ("vm", "pc-web", "update"),
     ]
-    nwfilter, firewall, domain = (c["diff"] for c in plan)
-    assert changed_lines(firewall) == ["-\t\telements = { 10.252.0.0/25 }",
-                                       "+\t\telements = { 10.252.0.0/25, 10.252.0.192/26 }"], firewall
+    firewall, domain = (c["diff"] for c in plan)
+    # The table's set and the backstop's rule: one more protected subnet in each.
+    lines = changed_lines(firewall)
+    assert lines[:2] == ["-\t\telements = { 10.252.0.0/25 }",
+                         "+\t\telements = { 10.252.0.0/25, 10.252.0.192/26 }"], firewall
+    old, new = lines[2:]
+    assert old.startswith("-") and new.startswith("+") and "drop backstop-protected" in old + new, firewall
+    assert "10.252.0.192/26" in new and "10.252.0.192" not in old, firewall
     assert [line[0] + line[1:].strip() for line in changed_lines(domain)] == [
         '-<memory unit="KiB">131072</memory>', '-<currentMemory unit="KiB">131072</currentMemory>',
         '+<memory unit="KiB">147456</memory>', '+<currentMemory unit="KiB">147456</currentMemory>'], domain
-    added = changed_lines(nwfilter)
-    assert added and all(line.startswith("+") for line in added) and "10.252.0.192" in "".join(added), nwfilter
-    assert plan[2]["note"] == "applies at its next start (dmzctl up --restart-changed)"
+    assert plan[1]["note"] == "applies at its next start (dmzctl up --restart-changed)"
     text = dmzctl("plan", str(config), check=True).stdout
-    assert text.startswith(f"pcpl: 3 change(s) ({config})\n  ~ nwfilter dmzctl-pcpl-pc-web-block updated\n"), text
+    assert text.startswith(f"pcpl: 2 change(s) ({config})\n  ~ firewall inet dmzctl-pcpl updated: "), text
 
     # plan changed nothing: the live objects are as before.
     live = subprocess.run(["nft", "list", "set", "inet", "dmzctl-pcpl", "protected4"], capture_output=True,

@@ -583,7 +583,8 @@ def test_hook_scripts_judge_fast_and_only_dmzctl_objects(tmp_path):
         assert f"its config cannot be used: {tmp_path / 'moved.toml'}: no such file" in warned.stderr
         assert not table_of(table)
     finally:
-        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+        for name in (table, f"{table}.backstop"):  # the network hook applied both
+            subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True)
 
 
 def table_of(table: str) -> bool:

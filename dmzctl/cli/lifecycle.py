@@ -201,14 +201,14 @@ def firewall_down(
 
 @firewall_app.command("show")
 def firewall_show(ctx: typer.Context, configs: ConfigArgs = None) -> None:
-    """Print each DMZ's live nftables table (exit 1 if one is absent)."""
+    """Print each DMZ's live nftables table and its backstop (exit 1 if one is absent)."""
     from ..host import nft
     from ..render.nft import table_name
 
     def action():
         missing = False
         for dmz in load_configs(configs):
-            text = nft.list_table_text(table_name(dmz))
+            text = nft.list_firewall_text(table_name(dmz))
             if text is None:
                 typer.echo(f"{dmz.name}: firewall table inet {table_name(dmz)} is absent")
                 missing = True

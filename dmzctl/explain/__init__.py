@@ -331,7 +331,7 @@ def _vm_to_vm_bridged(dmz: DMZ, flow: Flow, bridge_netfilter: Optional[bool],
     """Another DMZ address, switched on the bridge: nftables sees it only through br_netfilter."""
     subnet = dmz.subnet if flow.family == 4 else dmz.subnet6
     if flow.src is not None and flow.src not in subnet and not (flow.family == 6 and flow.src in LINK_LOCAL6):
-        return Decision(False, "nwfilter", "nwfilter dmzctl-clean-traffic / spoof6", None, None,
+        return Decision(False, "nwfilter", "nwfilter dmzctl-clean-traffic / the VM's IPv6 source rules", None, None,
                         f"a forged source ({flow.src}) switched to another VM: the VM's nwfilter drops it on "
                         f"its libvirt NIC (nftables, even with br_netfilter, lets VM-to-VM traffic pass "
                         f"unless isolate_vms)")

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from ..errors import FirewallError, HostError
 from ..render.nft import FAMILY
+from ..render.nft_backstop import backstop_name
 from ..render.nft_edges import is_name_set
 
 
@@ -64,6 +65,22 @@ def table_exists(name: str) -> bool:
     return rc == 0
 
 
+def firewall_exists(table: str) -> bool:
+    """The main table or its backstop: either is dmzctl's to remove."""
+    return table_exists(table) or table_exists(backstop_name(table))
+
+
+def list_firewall(table: str) -> Optional[dict]:
+    """The main table followed by its backstop, as one listing; None when the main table is absent
+    (a missing backstop shows as its chains missing)."""
+    main = list_table(table)
+    if main is None:
+        return None
+    backstop = list_table(backstop_name(table))
+    items = main.get("nftables", []) + [item for item in (backstop or {}).get("nftables", []) if "metainfo" not in item]
+    return {"nftables": items}
+
+
 def canonical(listing: Optional[dict]) -> Any:
     """A listing reduced to what defines the policy: no handles, counters or limits' state, and no
     elements in the sets the packet path fills (the caps' meters: their elements are state)."""
@@ -109,8 +126,9 @@ def _strip_counter(expr: Any) -> Any:
     return expr
 
 
-def _listed_in_throwaway_netns(batch: dict, table: str, json_output: bool) -> str:
-    """Apply `batch` in a network namespace of its own and list `table` there.
+def _listed_in_throwaway_netns(batch: dict, table: str, json_output: bool) -> list[str]:
+    """Apply `batch` in a network namespace of its own and list `table` and its backstop there
+    (one output each; a table the batch does not make lists as nothing).
 
     libnftables lists a table differently from the JSON that created it; applying
     it where nothing else lives and reading it back gives the form to compare with.
@@ -119,26 +137,34 @@ def _listed_in_throwaway_netns(batch: dict, table: str, json_output: bool) -> st
     binary = shutil.which("nft")
     if not unshare or not binary:
         raise HostError("unshare (util-linux) and nft (nftables) are needed to compare firewall tables")
-    listing = [binary] + (["-j"] if json_output else []) + ["list", "table", FAMILY, table]
-    # Two nft runs in one throwaway namespace, without a shell: a small Python step runs them in turn.
-    steps = ("import subprocess, sys; a, b = sys.argv[1:5], sys.argv[5:]; "
-             "r = subprocess.run(a, stdin=sys.stdin); r.returncode and sys.exit(r.returncode); "
-             "sys.exit(subprocess.run(b).returncode)")
-    result = subprocess.run([unshare, "--net", sys.executable, "-I", "-c", steps, binary, "-j", "-f", "-", *listing],
+    tables = [table, backstop_name(table)]
+    # Three nft runs in one throwaway namespace, without a shell: a small Python step runs them in
+    # turn and separates the listings with a NUL.
+    steps = ("import subprocess, sys; nft, j, tables = sys.argv[1], sys.argv[2] == 'json', sys.argv[3:]; "
+             "r = subprocess.run([nft, '-j', '-f', '-'], stdin=sys.stdin); r.returncode and sys.exit(r.returncode); "
+             "out = [subprocess.run([nft] + (['-j'] if j else []) + ['list', 'table', 'inet', t], "
+             "capture_output=True, text=True).stdout for t in tables]; "
+             "sys.stdout.write(chr(0).join(out))")
+    result = subprocess.run([unshare, "--net", sys.executable, "-I", "-c", steps, binary,
+                             "json" if json_output else "text", *tables],
                             input=json.dumps(batch), capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise FirewallError(f"nftables refused the firewall batch: {result.stderr.strip()}", batch)
-    return result.stdout
+    return result.stdout.split("\0")
 
 
 def kernel_form(batch: dict, table: str) -> Any:
-    """How the kernel lists `batch` once applied (JSON, canonical), to compare with the live table."""
-    return canonical(json.loads(_listed_in_throwaway_netns(batch, table, json_output=True)))
+    """How the kernel lists `batch` once applied (JSON, canonical), to compare with list_firewall(table)."""
+    main, backstop = _listed_in_throwaway_netns(batch, table, json_output=True)
+    items = json.loads(main).get("nftables", [])
+    if backstop.strip():
+        items += [item for item in json.loads(backstop).get("nftables", []) if "metainfo" not in item]
+    return canonical({"nftables": items})
 
 
 def kernel_text(batch: dict, table: str) -> str:
-    """How `nft list table` shows `batch` once applied, for people (plan's diffs)."""
-    return _listed_in_throwaway_netns(batch, table, json_output=False)
+    """How `nft list table` shows `batch` once applied (the table, then its backstop), for people."""
+    return "".join(_listed_in_throwaway_netns(batch, table, json_output=False))
 
 
 def list_table_text(name: str) -> Optional[str]:
@@ -146,3 +172,9 @@ def list_table_text(name: str) -> Optional[str]:
     nft = _binding().Nftables()
     rc, out, _err = nft.cmd(f"list table {FAMILY} {name}")
     return out if rc == 0 else None
+
+
+def list_firewall_text(table: str) -> Optional[str]:
+    """The main table and its backstop in nft's own syntax; None when neither exists."""
+    parts = [text for text in (list_table_text(table), list_table_text(backstop_name(table))) if text is not None]
+    return "".join(parts) if parts else None

@@ -171,28 +171,6 @@ def inspect_for_up(virt: Virt, dmz: DMZ, settings: Settings,
     return snap, vm_names
 
 
-BRIDGE_NETFILTER = {4: Path("/proc/sys/net/bridge/bridge-nf-call-iptables"),
-                    6: Path("/proc/sys/net/bridge/bridge-nf-call-ip6tables")}
-
-
-def bridge_netfilter_warnings(dmz: DMZ) -> list[str]:
-    """The nwfilter block of protected subnets is iptables-layer: it needs br_netfilter."""
-    families = [4] + ([6] if dmz.gateway6 is not None else [])
-    off = []
-    for family in families:
-        try:
-            enabled = BRIDGE_NETFILTER[family].read_text().strip() == "1"
-        except OSError:
-            enabled = False
-        if not enabled:
-            off.append(BRIDGE_NETFILTER[family].name)
-    if not off:
-        return []
-    return [f"{' and '.join(off)} is off (br_netfilter): the per-VM nwfilter block of the protected subnets "
-            f"cannot see bridged traffic, only the nftables table protects them; enable it with "
-            f"'modprobe br_netfilter' and 'sysctl net.bridge.{off[0]}=1'"]
-
-
 def summary_lines(outcome: Outcome, verb: str) -> list[str]:
     """What a command says after its changes (each was said as it happened): pending, or nothing to do."""
     if not outcome.changes and not outcome.refreshed and not outcome.pending:

@@ -38,6 +38,7 @@ from ..host import facts, monitor, nft
 from ..host.lock import held_down_marker, try_lock
 from ..implicit import HostView
 from ..render.nft import FAMILY
+from ..render.nft_backstop import main_table_of
 from ..settings import Settings
 from ..state import TableState, table_drift
 from . import metrics as guard_metrics
@@ -100,6 +101,8 @@ class Guard:
         self.targets = {t.dmz.name: t for t in self.by_path.values() if t.dmz is not None}
 
     def by_table(self, table: str) -> Optional[str]:
+        """The DMZ whose table, or backstop, this is."""
+        table = main_table_of(table)
         for name, target in self.targets.items():
             if target.table == table:
                 return name
@@ -244,7 +247,7 @@ class Guard:
     def restore_if_drifted(self, target: Target, why: str) -> None:
         """Acts on the table's differences (state.py), as check --fix would: the whole table again."""
         began = time.monotonic()
-        table = TableState(nft.canonical(nft.list_table(target.table)), target.want)
+        table = TableState(nft.canonical(nft.list_firewall(target.table)), target.want)
         if table.in_sync:
             return
         state = "missing" if not table.exists else \

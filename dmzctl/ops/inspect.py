@@ -21,7 +21,7 @@ from ..host.virt import Virt
 from ..settings import Settings
 from ..state import Difference, Snapshot, snapshot, summary_of
 from . import lifecycle, teardown
-from .common import bridge_netfilter_warnings, desired_state
+from .common import desired_state
 
 
 def inspect(virt: Virt, dmz: DMZ, settings: Settings) -> Snapshot:
@@ -90,7 +90,7 @@ def dmz_status(virt: Virt, dmz: DMZ, settings: Settings) -> DMZStatus:
                      network_as_configured=network == "active" and not any(d.kind.startswith("network-")
                                                                              for d in differences),
                      firewall="absent" if not table.exists else "in sync" if table.in_sync else "drifted",
-                     vms=vms, problems=problems, warnings=bridge_netfilter_warnings(dmz),
+                     vms=vms, problems=problems, warnings=[],
                      hooks="missing" if observed.hooks_missing else "installed", differences=differences)
 
 

@@ -24,9 +24,11 @@ from ..host.lock import SHARED_FILTERS, dmz_lock, held_down_marker
 from ..host.virt import Virt
 from ..render.base import to_string
 from ..render.nft import apply_batch, delete_batch, table_name
+from ..render.nft_backstop import backstop_name
+from ..render.nwfilter import LEGACY_FILTER_SUFFIXES, vm_filter_name
 from ..settings import Settings
 from ..state import Observed, TableState, observe_table
-from .common import (Outcome, Say, Undo, bridge_netfilter_warnings, inspect_for_up, require_root, selected_vms,
+from .common import (Outcome, Say, Undo, inspect_for_up, require_root, selected_vms,
                      table_only)
 from .decide import decide_domain, decide_firewall_action, decide_network, decide_nwfilters
 from .provision import up_storage
@@ -41,8 +43,6 @@ def up(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = Non
     snap, vm_names = inspect_for_up(virt, dmz, settings, only)
     desired, observed = snap.desired, snap.observed
     outcome = Outcome(dmz.name, say)
-    for warning in bridge_netfilter_warnings(dmz):
-        say(f"{dmz.name}: WARNING: {warning}")
     if hooks:
         for line in hook_files.ensure_hooks(settings.hooks_dir):
             outcome.change(line)
@@ -55,8 +55,9 @@ def up(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = Non
             _up_nwfilters(virt, desired, observed, outcome, undo)
         apply_firewall(desired, observed.table, outcome, undo, settings)
         # Fail closed: re-check the table right before any VM may run.
-        if not nft.table_exists(desired.table):
-            raise HostError(f"firewall table {desired.table} is missing; no VM is started without it")
+        if not (nft.table_exists(desired.table) and nft.table_exists(backstop_name(desired.table))):
+            raise HostError(f"firewall table {desired.table} or its backstop is missing; no VM is started "
+                            f"without them")
         # The other DMZs must block this one's subnets before its VMs run (and vice versa).
         refresh_other_tables(dmz, outcome, settings, virt)
         to_start = [name for name in vm_names
@@ -105,6 +106,12 @@ def _up_nwfilters(virt: Virt, desired: DesiredDMZ, observed: Observed, outcome: 
         outcome.change(f"nwfilter {name} {'updated' if decision.live_xml else 'defined'}")
         if decision.live_xml is None:
             undo.add(f"nwfilter {name}", lambda name=name: virt.undefine_nwfilter(name))
+    # An earlier design's filters (the per-VM block and guards), unreferenced once the VM's
+    # filter is redefined above: the backstop table does their work now.
+    legacy = {f"{vm_filter_name(desired.dmz, vm)}{suffix}" for vm in desired.dmz.vms for suffix in LEGACY_FILTER_SUFFIXES}
+    for name in sorted(legacy & set(virt.nwfilter_names())):
+        virt.undefine_nwfilter(name)
+        outcome.change(f"nwfilter {name} removed (an earlier design's; the backstop table replaces it)")
 
 
 def apply_firewall(desired: DesiredDMZ, table: TableState, outcome: Outcome, undo: Optional[Undo],
@@ -114,8 +121,9 @@ def apply_firewall(desired: DesiredDMZ, table: TableState, outcome: Outcome, und
     if action is None:
         return
     nft.apply(apply_batch(desired.dmz, desired.blocks))
-    if not nft.table_exists(desired.table):
-        raise HostError(f"nftables accepted table {desired.table} but it is not there; refusing to go on")
+    if not (nft.table_exists(desired.table) and nft.table_exists(backstop_name(desired.table))):
+        raise HostError(f"nftables accepted table {desired.table} and its backstop but one is not there; "
+                        f"refusing to go on")
     done = "updated" if table.exists else "applied"
     outcome.change(f"firewall table inet {desired.table} {done}")
     events.record(settings.event_log, f"dmz={desired.dmz.name} firewall table {desired.table} {done}")
@@ -293,9 +301,9 @@ def down(virt: Virt, dmz: DMZ, settings: Settings, only: Optional[list[str]] = N
 def remove_table(dmz: DMZ, outcome: Outcome, settings: Settings, virt: Virt) -> None:
     """The DMZ's table goes (its VMs are off), then the other DMZs' tables follow the host's networks."""
     table = table_name(dmz)
-    if nft.table_exists(table):
+    if nft.firewall_exists(table):
         nft.apply(delete_batch(table))
-        outcome.change(f"firewall table inet {table} removed")
+        outcome.change(f"firewall table inet {table} removed (and its backstop)")
         events.record(settings.event_log, f"dmz={dmz.name} firewall table {table} removed")
     refresh_other_tables(dmz, outcome, settings, virt)
 
@@ -344,12 +352,12 @@ def firewall_down(virt: Virt, dmz: DMZ, settings: Settings, force: bool = False,
     marker = held_down_marker(settings.run_dir, dmz.name)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
-    if nft.table_exists(table):
+    if nft.firewall_exists(table):
         nft.apply(delete_batch(table))
-        outcome.change(f"firewall table inet {table} removed")
+        outcome.change(f"firewall table inet {table} removed (and its backstop)")
         events.record(settings.event_log, f"dmz={dmz.name} firewall table {table} removed by 'firewall down'")
-        say(f"WARNING: DMZ {dmz.name} is no longer protected by its nftables table "
-            f"(only the per-VM nwfilters remain)")
+        say(f"WARNING: DMZ {dmz.name} is no longer protected by its nftables tables "
+            f"(only the per-VM nwfilters' anti-spoofing remains)")
     return outcome
 
 

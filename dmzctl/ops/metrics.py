@@ -33,7 +33,7 @@ def dmz_metrics(virt: Virt, dmz: DMZ, settings: Settings, restores: Optional[int
     result = DMZMetrics(dmz=dmz.name, vms_expected=len(dmz.vms), guard_restores=restores)
     try:
         snap = inspect(virt, dmz, settings)
-        listing = nft.list_table(table_name(dmz))
+        listing = nft.list_firewall(table_name(dmz))
     except DmzctlError as error:
         result.read_ok, result.error = False, str(error).splitlines()[0]
         return result

@@ -191,7 +191,7 @@ def _normal_text(text: str) -> list[str]:
 def firewall_diff(desired: DesiredDMZ) -> list[str]:
     """Rules, chains and set elements added/removed between the live table and the config's."""
     want = _normal_text(nft.kernel_text(apply_batch(desired.dmz, desired.blocks), desired.table))
-    live_text = nft.list_table_text(desired.table)
+    live_text = nft.list_firewall_text(desired.table)
     if live_text is None:
         return [f"+ {line}" for line in want]
     diff = list(difflib.unified_diff(_normal_text(live_text), want, "live", "config", n=1, lineterm=""))

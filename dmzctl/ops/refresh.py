@@ -1,5 +1,6 @@
-"""The other DMZs, when one comes or goes: their tables' implicit sets and their VMs' host-address
-filters follow the host's networks and addresses (a DMZ's bridge adds a subnet and an address).
+"""The other DMZs, when one comes or goes: their tables' implicit sets follow the host's networks
+(a DMZ's bridge adds a subnet). No VM's nwfilter lists the host's addresses any more: one more DMZ
+redefines no other DMZ's filters (docs/benchmarks-scale.md).
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from ..host import facts, nft
 from ..host.lock import dmz_lock, held_down_marker
 from ..host.virt import Virt
 from ..implicit import blocks_for
-from ..render.base import to_string
 from ..render.nft import apply_batch, table_name
 from ..settings import Settings
 from .common import Outcome
 
 
 def refresh_other_tables(dmz: DMZ, outcome: Outcome, settings: Settings, virt: Optional[Virt] = None) -> None:
-    """Re-apply every other live DMZ table that the host's networks have made stale, and (with virt)
-    their VMs' nwfilters, whose host-address block lists the host's addresses (a new bridge adds one).
+    """Re-apply every other live DMZ table that the host's networks have made stale. `virt` is
+    accepted for the callers' sake; no filter needs refreshing.
 
     Their configs are found through their networks' metadata. A DMZ held by another
     dmzctl run is left to it (it renders with the view it reads), as is one whose
@@ -41,8 +41,6 @@ def refresh_other_tables(dmz: DMZ, outcome: Outcome, settings: Settings, virt: O
             continue
         try:
             with dmz_lock(settings.run_dir, name, timeout=0):
-                if virt is not None:
-                    _refresh_block_filters(virt, other, view, outcome)
                 _refresh_table(other, view, outcome, settings, dmz.name)
         except LockedError:
             continue
@@ -57,21 +55,8 @@ def _refresh_table(other: DMZ, view, outcome: Outcome, settings: Settings, by: s
     if held_down_marker(settings.run_dir, other.name).exists() or not nft.table_exists(table):
         return  # taken down on purpose, or the DMZ is down
     batch = apply_batch(other, blocks_for(other, view))
-    if nft.canonical(nft.list_table(table)) == nft.kernel_form(batch, table):
+    if nft.canonical(nft.list_firewall(table)) == nft.kernel_form(batch, table):
         return
     nft.apply(batch)
     outcome.refresh(f"firewall table inet {table} of DMZ {other.name} refreshed (the host's networks changed)")
     events.record(settings.event_log, f"dmz={other.name} firewall table {table} refreshed by dmzctl of {by}")
-
-
-def _refresh_block_filters(virt: Virt, other: DMZ, view, outcome: Outcome) -> None:
-    """Another DMZ's defined filters, as its `up` would render them with today's host addresses."""
-    from ..render.nwfilter import render_nwfilters
-    from ..state import same_filter
-
-    for vm in other.vms:
-        for name, element in render_nwfilters(other, vm, view.addresses).items():
-            live = virt.nwfilter_xml(name)
-            if live is not None and not same_filter(live, element):
-                virt.define_nwfilter(to_string(element))
-                outcome.refresh(f"nwfilter {name} of DMZ {other.name} refreshed (the host's addresses changed)")

@@ -13,7 +13,7 @@ from typing import Optional
 from ..config import DMZ
 from ..host.lock import SHARED_FILTERS, dmz_lock
 from ..host.virt import Virt
-from ..render.nwfilter import CLEAN_TRAFFIC, VM_FILTER_SUFFIXES
+from ..render.nwfilter import CLEAN_TRAFFIC, LEGACY_FILTER_SUFFIXES, VM_FILTER_SUFFIXES
 from ..settings import Settings
 from .common import Outcome, Say, require_root, selected_vms
 from .lifecycle import down, owned_domains, stop_domains
@@ -72,10 +72,11 @@ def _remove_nwfilters(virt: Virt, dmz: DMZ, vms: Optional[list[str]], outcome: O
     if vms is None:
         names = [n for n in virt.nwfilter_names() if n.startswith(f"dmzctl-{dmz.name}-")]
     else:
-        mine = {f"dmzctl-{dmz.name}-{vm}{suffix}" for vm in vms for suffix in VM_FILTER_SUFFIXES}
+        mine = {f"dmzctl-{dmz.name}-{vm}{suffix}" for vm in vms
+                for suffix in VM_FILTER_SUFFIXES + LEGACY_FILTER_SUFFIXES}
         names = [n for n in virt.nwfilter_names() if n in mine]
     # Referencing filters first: libvirt refuses to remove a filter still referenced.
-    for name in sorted(names, key=lambda n: (n.count("-guard") + n.count("-spoof"), n)):
+    for name in sorted(names, key=lambda n: (n.endswith(LEGACY_FILTER_SUFFIXES), n)):
         virt.undefine_nwfilter(name)
         outcome.change(f"nwfilter {name} removed")
     # The shared clean-traffic filter goes with the last DMZ that uses it; the lock

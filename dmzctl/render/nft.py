@@ -51,6 +51,7 @@ from ..config import DMZ, FlowCaps, Hole
 from .nftexpr import (FAMILY, HOOK_PRIORITY, _addr, _anon_set, _chain, _counter, _ipfamily,  # noqa: F401
                       _log_drop_chain, _match, _meta, _payload, _ports, _rate, _rule, _set, _verdict, log_prefix,
                       table_name)
+from .nft_backstop import backstop_commands, delete_backstop_commands
 from .nft_edges import edge_commands, egress_rules
 from ..implicit import CLASSES, LOG_REASONS, SET_NAMES, Blocked, HostView, blocks_for, set_elements
 
@@ -275,13 +276,16 @@ def render_table(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> list
 
 
 def apply_batch(dmz: DMZ, blocks: Optional[tuple[Blocked, ...]] = None) -> dict:
-    """One transaction that replaces the table whole: add (so delete never fails), delete, recreate."""
+    """One transaction that replaces the table and its backstop (render/nft_backstop.py) whole:
+    add (so delete never fails), delete, recreate."""
     name = table_name(dmz)
     table = {"table": {"family": FAMILY, "name": name}}
     return {"nftables": [{"metainfo": {"json_schema_version": 1}}, {"add": table}, {"delete": table}]
-            + render_table(dmz, blocks)}
+            + render_table(dmz, blocks) + backstop_commands(dmz)}
 
 
 def delete_batch(table: str) -> dict:
+    """Remove the table and its backstop in one transaction."""
     spec = {"table": {"family": FAMILY, "name": table}}
-    return {"nftables": [{"metainfo": {"json_schema_version": 1}}, {"add": spec}, {"delete": spec}]}
+    return {"nftables": [{"metainfo": {"json_schema_version": 1}}, {"add": spec}, {"delete": spec}]
+            + delete_backstop_commands(table)}

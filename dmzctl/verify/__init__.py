@@ -124,7 +124,7 @@ def _table_state(dmz):
     from ..host import nft
     from ..render.nft import table_name
 
-    return nft.canonical(nft.list_table(table_name(dmz)))
+    return nft.canonical(nft.list_firewall(table_name(dmz)))
 
 
 def _check_skip(skip: Iterable) -> list:
@@ -141,8 +141,8 @@ def _firewall_problems(dmz, before, table_now) -> list[str]:
     from ..state import observe_table
 
     if before is None:
-        return [f"firewall table inet dmzctl-{dmz.name} is absent: nothing but the per-VM "
-                f"nwfilters protects the LAN and the host"]
+        return [f"firewall table inet dmzctl-{dmz.name} is absent: only its backstop (if there) "
+                f"protects the LAN and the host"]
     if not observe_table(table_now).in_sync:
         return [f"firewall table inet dmzctl-{dmz.name} differs from the config "
                 f"(dmzctl status; dmzctl firewall up)"]
