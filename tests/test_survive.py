@@ -635,3 +635,25 @@ def test_install_says_what_it_did_and_keeps_the_admins_hooks(tmp_path):
     assert legacy.exists() and theirs.exists()
     assert not (hooks_dir / "network.d").exists()  # ours alone: removed with the hook
     assert not (units / "dmzctl.service").exists()
+
+
+def test_guard_checks_a_dmz_whose_table_changed_before_the_stale_ones(tmp_path):
+    """Pure scheduling: with many DMZs a host-network change makes every table due at once; a DMZ
+    whose own table was deleted meanwhile is checked first, one DMZ per turn of the event loop."""
+    from dmzctl.ops.guard import Guard, Pending
+    from dmzctl.settings import Settings
+
+    guard = Guard([], Settings(), say=lambda _m: None)
+    checked = []
+    guard.check = lambda name, why: checked.append(name) or True
+    guard.check_all = Guard.check_all.__get__(guard)
+    guard.targets = {name: None for name in ("a", "b", "c", "d")}
+    guard.check_all("host networks changed")
+    guard.run_due()
+    pending = Pending()
+    pending.first["d"] = "delete table inet dmzctl-d"
+    guard.schedule_tables(pending, "nft[1]")
+    for _ in range(4):
+        guard.run_due()
+    assert checked == ["a", "d", "b", "c"]
+    assert not guard.due and not guard.urgent

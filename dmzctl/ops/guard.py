@@ -76,6 +76,7 @@ class Guard:
         self.ready_table = f"dmzctl_guard_ready_{os.getpid()}"
         self.pending = Pending()
         self.due: dict[str, tuple[float, str]] = {}  # DMZ name -> (when, why)
+        self.urgent: set[str] = set()  # due because its own tables changed: checked before the others
         self.libvirt: Optional[monitor.LibvirtEvents] = None
         self.next_connect = 0.0
         self.restores = 0
@@ -157,6 +158,7 @@ class Guard:
 
     def schedule_tables(self, pending: Pending, who: str) -> None:
         for name, line in sorted(pending.first.items()):
+            self.urgent.add(name)
             self.schedule(name, f"'{monitor.short(line)}' by {who}")
 
     # --- the host's networks --------------------------------------------
@@ -273,12 +275,16 @@ class Guard:
         if self.view_due is not None and self.view_due <= now:
             self.view_due = None
             self.read_view(self.view_why)
-        for name, (when, why) in sorted(self.due.items(), key=lambda item: item[1][0]):
-            if when > now:
-                continue
-            del self.due[name]
-            if not self.check(name, why):
-                self.schedule(name, why, at=now + RETRY_LOCKED)
+        # One DMZ per call, back to the events in between: with many DMZs, a host-network change
+        # makes every table stale at once, and a table deleted meanwhile must not wait behind them.
+        ready = [(name not in self.urgent, when, name) for name, (when, _why) in self.due.items() if when <= now]
+        if not ready:
+            return
+        _later, _when, name = min(ready)
+        _when, why = self.due.pop(name)
+        self.urgent.discard(name)
+        if not self.check(name, why):
+            self.schedule(name, why, at=now + RETRY_LOCKED)
 
     # --- the loop ---------------------------------------------------------
 
@@ -359,7 +365,8 @@ class Guard:
             self.start_address_monitor()
             self.connect_libvirt()
             self.check_all("guard started")
-            self.run_due()
+            for _ in range(len(self.due)):  # every DMZ once before saying it watches
+                self.run_due()
             names = ", ".join(sorted(self.targets)) or "none"
             self.say(f"guard: watching {len(self.targets)} DMZ(s) ({names}): nft monitor, "
                      f"{'libvirt events, ' if self.libvirt is not None else ''}re-check every {self.interval:.0f} s")
