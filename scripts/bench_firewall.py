@@ -165,7 +165,8 @@ def batch_counts(batch: dict) -> dict:
             elements += len(body["element"]["elem"])
     return {"rules": sum(rules.values()), "chains": chains, "elements": elements,
             # a new flow to a non-protected address matches nothing until the chain policy
-            "per_packet_new": rules.get("forward", 0) + rules.get("from_dmz", 0),
+            "per_packet_new": rules.get("forward", 0) + rules.get("from_dmz", 0)
+            + rules.get("backstop_forward", 0) + rules.get("backstop_from_dmz", 0),
             "per_packet_established": 1}
 
 
@@ -274,10 +275,13 @@ def _count(save: str, what: list[str]) -> dict:
     takes ~25 s, as does iptables-save ~10 s; so each is only done when asked.
     """
     counts: dict[str, Any] = {"nft_rules": 0, "nft_chains": 0, "nft_elements": 0}
-    listing = subprocess.run(["nft", "-j", "list", "table", "inet", f"dmzctl-{DMZ_NAME}"],
-                             capture_output=True, text=True)
-    if listing.returncode == 0:
-        for item in json.loads(listing.stdout).get("nftables", []):
+    items = []
+    for table in (f"dmzctl-{DMZ_NAME}", f"dmzctl-{DMZ_NAME}.backstop"):  # the table and its backstop
+        listing = subprocess.run(["nft", "-j", "list", "table", "inet", table], capture_output=True, text=True)
+        if listing.returncode == 0:
+            items += json.loads(listing.stdout).get("nftables", [])
+    if items:
+        for item in items:
             if "rule" in item:
                 counts["nft_rules"] += 1
             elif "chain" in item:
@@ -296,8 +300,8 @@ def _count(save: str, what: list[str]) -> dict:
 
 
 def _clear(iptables: str) -> None:
-    """Remove both firewalls from this (benchmark) namespace: dmzctl's table and iptables'."""
-    for family, name in (("inet", f"dmzctl-{DMZ_NAME}"), ("ip", "filter")):
+    """Remove both firewalls from this (benchmark) namespace: dmzctl's tables and iptables'."""
+    for family, name in (("inet", f"dmzctl-{DMZ_NAME}"), ("inet", f"dmzctl-{DMZ_NAME}.backstop"), ("ip", "filter")):
         subprocess.run(["nft", "delete", "table", family, name], capture_output=True)  # absent is fine
     if "legacy" in Path(iptables).name:
         for chain in ("INPUT", "FORWARD"):
@@ -521,7 +525,7 @@ class Bench:
         expect = {"nft_rules": inp["counts"]["rules"] if kind == "dmzctl" else 0}
         if small:
             expect["ipt_rules"] = inp["rules"] if kind == "iptables" else 0
-            expect["tables"] = {"none": [], "dmzctl": [f"inet dmzctl-{DMZ_NAME}"],
+            expect["tables"] = {"none": [], "dmzctl": [f"inet dmzctl-{DMZ_NAME}", f"inet dmzctl-{DMZ_NAME}.backstop"],
                                 "iptables": [] if legacy else ["ip filter"]}[kind]
             if legacy:
                 counts["tables"] = [t for t in counts["tables"] if t != "ip filter"]
