@@ -47,8 +47,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Optional
 
-from ..config import DMZ, FlowCaps, Hole
-from .nftexpr import (FAMILY, HOOK_PRIORITY, _addr, _anon_set, _chain, _counter, _ipfamily,  # noqa: F401
+from ..config import DMZ, FlowCaps
+from .nftexpr import (FAMILY, HOOK_PRIORITY, _addr, _anon_set, _chain, _counter, _hole_exprs, _ipfamily,  # noqa: F401
                       _log_drop_chain, _match, _meta, _payload, _ports, _rate, _rule, _set, _verdict, log_prefix,
                       table_name)
 from .nft_backstop import backstop_commands, delete_backstop_commands
@@ -57,21 +57,6 @@ from ..implicit import CLASSES, LOG_REASONS, SET_NAMES, Blocked, HostView, block
 
 Expr = dict[str, Any]
 Command = dict[str, Any]
-
-
-def _hole_exprs(dmz: DMZ, hole: Hole) -> list[Expr]:
-    ipf = _ipfamily(hole.family)
-    exprs: list[Expr] = []
-    if hole.source_vm is not None:
-        vm = dmz.vm(hole.source_vm)
-        exprs.append(_match(_payload(ipf, "saddr"), str(vm.ip if hole.family == 4 else vm.ip6)))
-    elif hole.source_net is not None:
-        exprs.append(_match(_payload(ipf, "saddr"), _addr(hole.source_net)))
-    exprs.append(_match(_payload(ipf, "daddr"), _addr(hole.to)))
-    exprs.append(_match(_meta("l4proto"), hole.proto))
-    if hole.ports is not None:
-        exprs.append(_match(_payload("th", "dport"), _ports(hole.ports)))
-    return exprs
 
 
 def _source_checks(dmz: DMZ, chain: str, allow_unspecified: bool) -> list[Command]:

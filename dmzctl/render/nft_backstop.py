@@ -28,7 +28,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import DMZ
-from .nftexpr import FAMILY, _counter, _ipfamily, _match, _meta, _payload, _verdict, table_name
+from .nftexpr import (FAMILY, _anon_set, _counter, _hole_exprs, _ipfamily, _match, _meta, _payload, _verdict,
+                      table_name)
 
 Command = dict[str, Any]
 
@@ -59,33 +60,6 @@ def _rule(table: str, chain: str, exprs: list, comment: str) -> Command:
                              "comment": comment}}}
 
 
-def _hole(dmz: DMZ, hole) -> list:
-    ipf = _ipfamily(hole.family)
-    exprs = []
-    if hole.source_vm is not None:
-        vm = dmz.vm(hole.source_vm)
-        exprs.append(_match(_payload(ipf, "saddr"), str(vm.ip if hole.family == 4 else vm.ip6)))
-    elif hole.source_net is not None:
-        exprs.append(_match(_payload(ipf, "saddr"), _prefix(hole.source_net)))
-    exprs.append(_match(_payload(ipf, "daddr"), _prefix(hole.to)))
-    exprs.append(_match(_meta("l4proto"), hole.proto))
-    if hole.ports is not None:
-        low, high = hole.ports
-        exprs.append(_match(_payload("th", "dport"), low if low == high else {"range": [low, high]}))
-    return exprs
-
-
-def _prefix(net) -> Any:
-    if net.prefixlen == net.max_prefixlen:
-        return str(net.network_address)
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
-
-
-def _addresses(nets) -> Any:
-    items = [_prefix(net) for net in nets]
-    return items[0] if len(items) == 1 else {"set": items}
-
-
 def render_backstop(dmz: DMZ) -> list[Command]:
     """Every command that creates the backstop table from nothing, in order."""
     table = backstop_name(dmz)
@@ -97,19 +71,19 @@ def render_backstop(dmz: DMZ) -> list[Command]:
     commands.append(_rule(table, "backstop_forward", [from_bridge, new_flow, _verdict("jump", "backstop_from_dmz")],
                           "a new flow from the DMZ"))
     for hole in dmz.holes:
-        commands.append(_rule(table, "backstop_from_dmz", _hole(dmz, hole) + [_verdict("return")],
+        commands.append(_rule(table, "backstop_from_dmz", _hole_exprs(dmz, hole) + [_verdict("return")],
                               f"hole {hole.origin}"))
     for version, nets in ((4, dmz.protected4), (6, dmz.protected6)):
         if nets:
             commands.append(_rule(table, "backstop_from_dmz", [
-                _match(_payload(_ipfamily(version), "daddr"), _addresses(nets)), _counter(), _verdict("drop")],
+                _match(_payload(_ipfamily(version), "daddr"), _anon_set(nets)), _counter(), _verdict("drop")],
                 "drop backstop-protected"))
 
     commands += [_chain(table, "backstop_input", "input"), _chain(table, "backstop_to_host")]
     commands.append(_rule(table, "backstop_input", [from_bridge, new_flow, _verdict("jump", "backstop_to_host")],
                           "a new flow from the DMZ"))
     for hole in dmz.holes:
-        commands.append(_rule(table, "backstop_to_host", _hole(dmz, hole) + [_verdict("return")],
+        commands.append(_rule(table, "backstop_to_host", _hole_exprs(dmz, hole) + [_verdict("return")],
                               f"hole {hole.origin}"))
     if dmz.dhcp:
         commands.append(_rule(table, "backstop_to_host", [

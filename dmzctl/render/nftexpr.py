@@ -102,3 +102,17 @@ def _set(dmz: DMZ, name: str, nets, version: int) -> list[Command]:
     return commands
 
 
+def _hole_exprs(dmz: DMZ, hole) -> list[Expr]:
+    """A hole's match: its source (VM or prefix), destination, protocol and ports; no table named."""
+    ipf = _ipfamily(hole.family)
+    exprs: list[Expr] = []
+    if hole.source_vm is not None:
+        vm = dmz.vm(hole.source_vm)
+        exprs.append(_match(_payload(ipf, "saddr"), str(vm.ip if hole.family == 4 else vm.ip6)))
+    elif hole.source_net is not None:
+        exprs.append(_match(_payload(ipf, "saddr"), _addr(hole.source_net)))
+    exprs.append(_match(_payload(ipf, "daddr"), _addr(hole.to)))
+    exprs.append(_match(_meta("l4proto"), hole.proto))
+    if hole.ports is not None:
+        exprs.append(_match(_payload("th", "dport"), _ports(hole.ports)))
+    return exprs
